@@ -1,0 +1,510 @@
+"""LLM Modules: a frozen large causal LM -> Enhanced Cross-Attention bridge -> small causal LM -> new head.
+
+Read top to bottom: `EnhancedCrossAttention`, the `LLMModulesBridge` that stacks them, the `LLMModulesCache` that
+holds the three caches, then `LLMModulesForCausalLM` (forward, generate support, loading and saving).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration import LLMModulesConfig
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def cross_attention_mask(
+    attention_mask: torch.Tensor | None, query_length: int, key_length: int, causal: bool
+) -> torch.Tensor | None:
+    """Boolean mask `[batch, 1, query, key]` (True = attend) for queries at the last `query_length` positions.
+
+    Query i sees keys <= i that are not padding. A padding query sees only itself, so no row is empty (an empty
+    row gives NaN) and no padding row reads the future. Returns None when nothing needs masking.
+    """
+    past = key_length - query_length
+    if attention_mask is None or bool(attention_mask.all()):
+        if not causal or query_length == 1:
+            return None
+        attention_mask = None
+    key_pos = torch.arange(key_length, device=attention_mask.device if attention_mask is not None else None)
+    query_pos = key_pos[past:, None]
+    allowed = key_pos[None, :] <= query_pos if causal else torch.ones_like(key_pos[None, :] <= query_pos)
+    if attention_mask is not None:
+        valid = attention_mask[:, None, :].bool()
+        allowed = (allowed & valid) | (key_pos[None, :] == query_pos)
+    else:
+        allowed = allowed[None]
+    return allowed[:, None]
+
+
+class EnhancedCrossAttention(nn.Module):
+    """Small-width states attend to large-width memory, then an adapter and a sigmoid gate blend in the result.
+
+    Queries come from the small-width states `[.., small_dim]`, keys and values from the large model's projected
+    states `[.., large_dim]`. Output: `g * a + (1 - g) * states` with `g = sigmoid(W [states; a])`.
+    """
+
+    def __init__(self, large_dim: int, small_dim: int, num_heads: int, adapter_dim: int, dropout: float, gate: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = small_dim // num_heads
+        self.dropout = dropout
+        self.query_norm = nn.LayerNorm(small_dim)
+        self.memory_norm = nn.LayerNorm(large_dim)
+        self.q_proj = nn.Linear(small_dim, small_dim)
+        self.k_proj = nn.Linear(large_dim, small_dim)
+        self.v_proj = nn.Linear(large_dim, small_dim)
+        self.o_proj = nn.Linear(small_dim, small_dim)
+        self.adapter_down = nn.Linear(small_dim, adapter_dim)
+        self.adapter_up = nn.Linear(adapter_dim, small_dim)
+        self.adapter_norm = nn.LayerNorm(small_dim)
+        self.adapter_dropout = nn.Dropout(dropout)
+        self.gate = nn.Linear(2 * small_dim, small_dim) if gate else None
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        memory: torch.Tensor,
+        states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache_layer: DynamicLayer | None = None,
+    ) -> torch.Tensor:
+        query = self._heads(self.q_proj(self.query_norm(states)))
+        memory = self.memory_norm(memory)
+        key, value = self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
+        if cache_layer is not None:
+            key, value = cache_layer.update(key, value)
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        attended = self.o_proj(attended.transpose(1, 2).reshape(states.shape))
+        adapter = self.adapter_up(F.gelu(self.adapter_down(attended)))
+        attended = attended + self.adapter_norm(self.adapter_dropout(adapter))
+        if self.gate is None:
+            return states + attended
+        gate = torch.sigmoid(self.gate(torch.cat([states, attended], dim=-1)))
+        # The blend itself is the new state; the paper's code adds `states` once more and the norm grows per layer.
+        return gate * attended + (1 - gate) * states
+
+
+class LLMModulesBridge(nn.Module):
+    """Large hidden states `[.., D_L]` -> small-model input embeddings `[.., D_S]` (DESIGN.md, step 2)."""
+
+    def __init__(self, config: LLMModulesConfig):
+        super().__init__()
+        large, small = config.large_hidden_size, config.small_hidden_size
+        middle = (large + small) // 2
+        self.causal = config.causal_cross_attention
+        self.pre_proj = nn.Linear(large, large)
+        self.proj = nn.Linear(large, small)
+        self.intermediate = nn.Sequential(
+            nn.Linear(large, middle), nn.LayerNorm(middle), nn.GELU(), nn.Linear(middle, small), nn.LayerNorm(small)
+        )
+        self.layers = nn.ModuleList(
+            EnhancedCrossAttention(
+                large, small, config.cross_attention_heads, config.adapter_dim, config.dropout, config.gate
+            )
+            for _ in range(config.num_cross_attention_layers)
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache_layers: list[DynamicLayer] | None = None,
+    ) -> torch.Tensor:
+        pre = self.pre_proj(hidden_states)
+        states = self.intermediate(pre)
+        past = cache_layers[0].get_seq_length() if cache_layers else 0
+        query_length = hidden_states.shape[1]
+        mask = cross_attention_mask(attention_mask, query_length, past + query_length, self.causal)
+        for i, layer in enumerate(self.layers):
+            states = layer(pre, states, mask, cache_layers[i] if cache_layers else None)
+        return states + self.proj(pre)
+
+
+class LLMModulesCache(Cache):
+    """The three caches of a combined model as one `Cache`.
+
+    `layers` is the union of the large model's layers, one layer per cross-attention layer (its keys and values
+    over all past positions) and the small model's layers, so `get_seq_length`, beam reordering, batch expansion
+    and `crop` work unchanged; `large` and `small` are `DynamicCache` views over the same layer objects.
+    """
+
+    def __init__(self, config: LLMModulesConfig):
+        self.large = DynamicCache(config=config.large_config)
+        self.small = DynamicCache(config=config.small_config)
+        self.bridge = [DynamicLayer() for _ in range(config.num_cross_attention_layers)]
+        super().__init__(layers=[*self.large.layers, *self.bridge, *self.small.layers])
+
+
+class LLMModulesPreTrainedModel(PreTrainedModel):
+    config_class = LLMModulesConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the bridge and the new head are ours; the sub-models init themselves (or come pretrained).
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
+    """Frozen large LM (base transformer, no LM head) -> bridge -> small LM (token embeddings bypassed) -> new head.
+
+    `LLMModulesForCausalLM(config)` builds random weights from the config alone; `from_large_and_small` composes
+    two pretrained models; `save_pretrained` stores only what trains and `from_pretrained` reloads the frozen model
+    from the id or path recorded in the config.
+    """
+
+    def __init__(
+        self, config: LLMModulesConfig, large_model: PreTrainedModel | None = None, small_model: PreTrainedModel | None = None
+    ):
+        super().__init__(config)
+        self.large = large_model if large_model is not None else AutoModel.from_config(config.large_config)
+        self.bridge = LLMModulesBridge(config)
+        self.small = small_model if small_model is not None else AutoModel.from_config(config.small_config)
+        self.lm_head = nn.Linear(config.small_hidden_size, config.vocab_size, bias=False)
+        self.tokenizer = None  # the large model's tokenizer, when known; saved with the model
+        self.post_init()
+        self._freeze()
+
+    def _freeze(self) -> None:
+        self.large.requires_grad_(False)
+        self.large.eval()
+        # The small model reads the bridge output, never its own token embeddings: keep them out of the optimizer.
+        self.small.get_input_embeddings().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "LLMModulesForCausalLM":
+        super().train(mode)
+        self.large.eval()  # frozen means no dropout either, whatever Trainer asks of the whole model
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.large.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    # ---- forward --------------------------------------------------------------------------------------------
+
+    def large_hidden_states(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states of the frozen model (its base transformer only: no LM head is ever computed)."""
+        with torch.no_grad():
+            out = self.large(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            )
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        large_hidden_states: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        input_ids: token ids of the LARGE model's tokenizer, `[batch, seq]`.
+        attention_mask: 2D padding mask over past and current tokens, `[batch, past + seq]`.
+        position_ids: positions of the current tokens (defaults to the count of real tokens before each one).
+        cache: an `LLMModulesCache` (created on demand when `use_cache`).
+        labels: next-token targets, shifted inside like Hugging Face causal LMs; -100 is ignored. In training mode
+            only the labelled positions go through the new head and `logits` is None, which saves the
+            `[batch, seq, vocab]` tensor over the large vocabulary.
+        logits_to_keep: compute logits for the last N positions only (0 = all), as `generate` asks for.
+        large_hidden_states: precomputed last hidden states of the frozen model (the feature cache); skips it.
+        """
+        if input_ids is None and large_hidden_states is None:
+            raise ValueError("Pass input_ids (or large_hidden_states from the feature cache).")
+        reference = input_ids if input_ids is not None else large_hidden_states
+        batch, length = reference.shape[:2]
+        if use_cache is None:
+            use_cache = not self.training and labels is None
+        if use_cache and cache is None:
+            cache = LLMModulesCache(self.config)
+        if cache is not None and not isinstance(cache, LLMModulesCache):
+            raise TypeError(f"cache must be an LLMModulesCache, got {type(cache).__name__}")
+        past = cache.get_seq_length() if cache is not None else 0
+
+        # Always a full 2D mask: without one, all-zero small-model positions read as packed sequences.
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=reference.device)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+
+        if large_hidden_states is None:
+            large_hidden_states = self.large_hidden_states(
+                input_ids, attention_mask, position_ids, cache.large if cache is not None else None
+            )
+        bridge_dtype = self.bridge.pre_proj.weight.dtype
+        inputs_embeds = self.bridge(
+            large_hidden_states.to(bridge_dtype), attention_mask, cache.bridge if cache is not None else None
+        )
+
+        if self.config.small_position_embeddings == "zero":
+            small_positions = torch.zeros_like(position_ids)
+        else:
+            limit = getattr(self.config.small_config, "max_position_embeddings", None)
+            if limit is not None and int(position_ids.max()) >= limit:
+                raise ValueError(
+                    f"sequence reaches position {int(position_ids.max())} but the small model has {limit} positions "
+                    "and small_position_embeddings='keep'; use small_position_embeddings='zero' for longer inputs"
+                )
+            small_positions = position_ids
+        small_out = self.small(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=small_positions,
+            cache=cache.small if cache is not None else None,
+            use_cache=cache is not None,
+        )
+        hidden = small_out.last_hidden_state
+
+        loss = None
+        logits = None
+        if labels is not None:
+            loss = self.loss_from_hidden(hidden, labels)
+        if labels is None or not self.training:
+            kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            logits = self.lm_head(kept)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, running the new head only where a label is set."""
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != -100
+        if not bool(keep.any()):
+            # No labelled token: a zero that still depends on the parameters, so DDP and AMP see a graph.
+            return hidden.sum() * 0.0
+        logits = self.lm_head(hidden[:, :-1][keep]).float()
+        return F.cross_entropy(logits, targets[keep])
+
+    # ---- generation -----------------------------------------------------------------------------------------
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        # transformers would build DynamicCache(config=self.config), which cannot hold three models' caches.
+        # Private hook, pinned by the transformers range in pyproject.toml and covered by tests/test_modeling.py.
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        model_kwargs["cache"] = LLMModulesCache(self.config)
+
+    # ---- composing, saving, loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_large_and_small(
+        cls,
+        large_model_name_or_path: str | os.PathLike,
+        small_model_name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        large_dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
+        trust_remote_code: bool = False,
+        **config_overrides: Any,
+    ) -> "LLMModulesForCausalLM":
+        """Compose a combined model from two pretrained causal LMs (hub ids or local dirs).
+
+        The large model's base transformer is loaded frozen (its LM head is never loaded); the small model's base
+        transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` applies to
+        the trained parts, `large_dtype` (default: `dtype`) to the frozen model; `device_map` is passed to the
+        large model and the rest follows it. `config_overrides` are `LLMModulesConfig` options.
+        """
+        large_dtype = large_dtype if large_dtype is not None else dtype
+        large = AutoModel.from_pretrained(
+            large_model_name_or_path, dtype=large_dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(large_model_name_or_path, trust_remote_code=trust_remote_code)
+        if config_overrides.get("small_init", "pretrained") == "pretrained":
+            small = AutoModel.from_pretrained(small_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+            small_config = small.config
+        else:
+            small = None
+            from transformers import AutoConfig
+
+            small_config = AutoConfig.from_pretrained(small_model_name_or_path, trust_remote_code=trust_remote_code)
+        special = {
+            "vocab_size": max(len(tokenizer), large.config.vocab_size),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        }
+        config = LLMModulesConfig(
+            large_config=large.config,
+            small_config=small_config,
+            large_model_name_or_path=str(large_model_name_or_path),
+            small_model_name_or_path=str(small_model_name_or_path),
+            **{**special, **{k: v for k, v in config_overrides.items()}},
+        )
+        model = cls(config, large_model=large, small_model=small)
+        device = next(large.parameters()).device
+        trained_dtype = _as_dtype(dtype)
+        for part in (model.bridge, model.small, model.lm_head):
+            part.to(device=device, dtype=trained_dtype)
+        model.tokenizer = tokenizer
+        return model
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What training changes: the bridge, the small model (without its unused token embeddings) and the head."""
+        frozen_embeddings = {id(p) for p in self.small.get_input_embeddings().parameters()}
+        return {
+            name: param.detach()
+            for name, param in self.named_parameters()
+            if not name.startswith("large.") and id(param) not in frozen_embeddings
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write config.json, the trained weights as safetensors and the large tokenizer; never the frozen weights."""
+        if kwargs:
+            raise TypeError(f"save_pretrained got unsupported arguments: {sorted(kwargs)}")
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not self.config.large_model_name_or_path:
+            raise ValueError(
+                "config.large_model_name_or_path is empty: set it to the hub id or directory of the frozen model so "
+                "that from_pretrained can reload it"
+            )
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(directory)
+        self.generation_config.save_pretrained(directory)
+        tensors = {name: t.contiguous().cpu() for name, t in self.trained_state_dict().items()}
+        # Write then rename, so a crash mid-save never leaves a truncated weights file under the real name.
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": "pt", "llm_modules": "trained-only"})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        large_model_name_or_path: str | os.PathLike | None = None,
+        dtype: torch.dtype | str | None = None,
+        large_dtype: torch.dtype | str | None = None,
+        device_map: Any = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> "LLMModulesForCausalLM":
+        """Reload a saved combined model: the frozen model from the recorded id/path, the rest from the dir.
+
+        `large_model_name_or_path` points at the frozen model when it moved since saving.
+        """
+        directory = Path(pretrained_model_name_or_path)
+        if not (directory / "config.json").is_file():
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(str(pretrained_model_name_or_path), **kwargs))
+        config_path = directory / "config.json"
+        if json.loads(config_path.read_text()).get("model_type") != LLMModulesConfig.model_type:
+            raise ValueError(f"{config_path} is not an llm-modules model (model_type is not 'llm_modules')")
+        config = LLMModulesConfig.from_pretrained(directory)
+        large_source = large_model_name_or_path or config.large_model_name_or_path
+        try:
+            large = AutoModel.from_pretrained(
+                large_source, dtype=_as_dtype(large_dtype if large_dtype is not None else dtype),
+                device_map=device_map, trust_remote_code=trust_remote_code,
+            )
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"cannot load the frozen large model {large_source!r} recorded in {config_path}: {error}\n"
+                "Point at it with LLMModulesForCausalLM.from_pretrained(dir, large_model_name_or_path=...) "
+                "(CLI: --large-model PATH)."
+            ) from error
+        if large_model_name_or_path is not None:
+            config.large_model_name_or_path = str(large_model_name_or_path)
+        model = cls(config, large_model=large)
+        model.load_trained_weights(directory / WEIGHTS_NAME)
+        device = next(large.parameters()).device
+        for part in (model.bridge, model.small, model.lm_head):
+            part.to(device=device, dtype=_as_dtype(dtype))
+        try:
+            model.tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError):
+            model.tokenizer = None
+        model.eval()
+        return model
+
+    def load_trained_weights(self, path: str | os.PathLike) -> None:
+        """Load a trained-only safetensors file; every tensor must match the config by name and shape."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no trained weights at {path}")
+        state = load_file(str(path))
+        expected = self.trained_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [
+            f"{name} (file {tuple(state[name].shape)}, config {tuple(expected[name].shape)})"
+            for name in sorted(set(state) & set(expected))
+            if state[name].shape != expected[name].shape
+        ]
+        if missing or unexpected or mismatched:
+            problems = []
+            for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+                if names:
+                    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                    problems.append(f"{label}: {shown}")
+            raise ValueError(f"weights in {path} do not fit its config: " + "; ".join(problems))
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def parameter_summary(self) -> dict[str, int]:
+        """Parameter counts: frozen (large model), trainable and its parts (bridge, small model, head)."""
+        def count(params) -> int:
+            return sum(p.numel() for p in params)
+
+        return {
+            "frozen_large": count(self.large.parameters()),
+            "bridge": count(self.bridge.parameters()),
+            "small_model": count(p for p in self.small.parameters() if p.requires_grad),
+            "lm_head": count(self.lm_head.parameters()),
+            "trainable": count(p for p in self.parameters() if p.requires_grad),
+            "unused_small_embeddings": count(self.small.get_input_embeddings().parameters()),
+        }
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    return getattr(torch, dtype)

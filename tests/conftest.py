@@ -1,0 +1,48 @@
+"""Tiny random models of real architectures, saved like hub checkpoints with a locally trained tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llm_modules import LLMModulesForCausalLM  # noqa: E402
+from llm_modules.tiny_models import save_tiny_causal_lm, train_tokenizer  # noqa: E402
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog number %d." % i for i in range(100)
+] + [
+    "User: what is %d plus %d? Assistant: <|begin_of_solution|> %d <|end_of_solution|>" % (i, i + 1, 2 * i + 1)
+    for i in range(100)
+] + ["Größe, café, naïve — 数学 and émoji 🙂 %d" % i for i in range(20)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Local dirs of tiny pretrained-like models: two large/small pairs whose tokenizers differ in size."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok_a = train_tokenizer(CORPUS, vocab_size=320)
+    tok_b = train_tokenizer(CORPUS, vocab_size=400)
+    return {
+        "qwen2": save_tiny_causal_lm(root / "qwen2", "qwen2", tok_a, hidden_size=64, layers=2, heads=4),
+        "gpt_neo": save_tiny_causal_lm(root / "gpt_neo", "gpt_neo", tok_a, hidden_size=32, layers=2, heads=4),
+        "llama": save_tiny_causal_lm(root / "llama", "llama", tok_b, hidden_size=48, layers=2, heads=4),
+        "gpt2": save_tiny_causal_lm(root / "gpt2", "gpt2", tok_b, hidden_size=32, layers=2, heads=4),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_dirs):
+    """(large dir, small dir) of the paper's architectures, tiny."""
+    return tiny_dirs["qwen2"], tiny_dirs["gpt_neo"]
+
+
+@pytest.fixture()
+def tiny_model(tiny_pair):
+    """A freshly composed tiny Qwen2 + GPT-Neo combined model in eval mode."""
+    torch.manual_seed(0)
+    return LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4).eval()
