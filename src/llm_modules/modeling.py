@@ -48,6 +48,28 @@ def cross_attention_mask(
     return allowed[:, None]
 
 
+def extend_causal_tables(model: nn.Module, length: int) -> None:
+    """Grow fixed `[1, 1, N, N]` boolean causal tables (GPT-Neo's eager attention) to cover `length` positions.
+
+    With zeroed positions the small model is not limited by its position table, but some architectures also size a
+    causal mask buffer by it. The window of a local-attention table is read from its last row, so global and
+    sliding-window tables both keep their shape of mask.
+    """
+    for module in model.modules():
+        table = getattr(module, "bias", None)
+        if not (isinstance(table, torch.Tensor) and table.dtype == torch.bool and table.dim() == 4):
+            continue
+        size = table.shape[-1]
+        if size >= length:
+            continue
+        window = int(table[0, 0, -1].sum())
+        new_size = max(length, 2 * size)
+        grown = torch.ones(new_size, new_size, dtype=torch.bool, device=table.device).tril()
+        if window < size:
+            grown = grown ^ grown.tril(-window)
+        module.bias = grown[None, None]
+
+
 class EnhancedCrossAttention(nn.Module):
     """Small-width states attend to large-width memory, then an adapter and a sigmoid gate blend in the result.
 
@@ -285,6 +307,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
                     "and small_position_embeddings='keep'; use small_position_embeddings='zero' for longer inputs"
                 )
             small_positions = position_ids
+        if self.config.small_position_embeddings == "zero":
+            extend_causal_tables(self.small, past + length)
         small_out = self.small(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
