@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -39,7 +39,9 @@ def cross_attention_mask(
         attention_mask = None
     key_pos = torch.arange(key_length, device=attention_mask.device if attention_mask is not None else None)
     query_pos = key_pos[past:, None]
-    allowed = key_pos[None, :] <= query_pos if causal else torch.ones_like(key_pos[None, :] <= query_pos)
+    allowed = key_pos[None, :] <= query_pos
+    if not causal:
+        allowed = torch.ones_like(allowed)
     if attention_mask is not None:
         valid = attention_mask[:, None, :].bool()
         allowed = (allowed & valid) | (key_pos[None, :] == query_pos)
@@ -379,8 +381,6 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             small_config = small.config
         else:
             small = None
-            from transformers import AutoConfig
-
             small_config = AutoConfig.from_pretrained(small_model_name_or_path, trust_remote_code=trust_remote_code)
         special = {
             "vocab_size": max(len(tokenizer), large.config.vocab_size),
@@ -393,7 +393,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             small_config=small_config,
             large_model_name_or_path=str(large_model_name_or_path),
             small_model_name_or_path=str(small_model_name_or_path),
-            **{**special, **{k: v for k, v in config_overrides.items()}},
+            **{**special, **config_overrides},
         )
         model = cls(config, large_model=large, small_model=small)
         device = next(large.parameters()).device
@@ -412,10 +412,23 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             if not name.startswith("large.") and id(param) not in frozen_embeddings
         }
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Write config.json, the trained weights as safetensors and the large tokenizer; never the frozen weights."""
-        if kwargs:
-            raise TypeError(f"save_pretrained got unsupported arguments: {sorted(kwargs)}")
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        is_main_process: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write config.json, the trained weights as safetensors and the large tokenizer; never the frozen weights.
+
+        Takes the arguments `Trainer` passes: `state_dict` (a gathered full state dict under FSDP/DeepSpeed, of
+        which only the trained tensors are kept) and `is_main_process`. Weights are always safetensors, so
+        `safe_serialization` and the sharding options are accepted and ignored. `push_to_hub=True` (with `repo_id`,
+        `token`, `private`, `commit_message`) uploads the saved dir.
+        """
+        if not is_main_process:
+            return
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         if not self.config.large_model_name_or_path:
@@ -426,13 +439,23 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         self.config.architectures = [type(self).__name__]
         self.config.save_pretrained(directory)
         self.generation_config.save_pretrained(directory)
-        tensors = {name: t.contiguous().cpu() for name, t in self.trained_state_dict().items()}
+        trained = self.trained_state_dict()
+        if state_dict is not None:
+            trained = {name: state_dict[name] for name in trained}
+        tensors = {name: t.detach().contiguous().cpu() for name, t in trained.items()}
         # Write then rename, so a crash mid-save never leaves a truncated weights file under the real name.
         tmp = directory / (WEIGHTS_NAME + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "llm_modules": "trained-only"})
         os.replace(tmp, directory / WEIGHTS_NAME)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
+        if kwargs.get("push_to_hub"):
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = kwargs.get("repo_id") or directory.name
+            token = kwargs.get("token")
+            create_repo(repo_id, exist_ok=True, private=kwargs.get("private"), token=token)
+            upload_folder(repo_id=repo_id, folder_path=directory, commit_message=kwargs.get("commit_message"), token=token)
 
     @classmethod
     def from_pretrained(
