@@ -327,3 +327,14 @@ def test_real_size_parameter_summary(capsys):
     assert summary["lm_head"] == 768 * 151936
     assert 85e6 < summary["small_model"] < 87e6  # GPT-Neo-125M blocks + positions, token embeddings excluded
     assert summary["trainable"] == summary["bridge"] + summary["small_model"] + summary["lm_head"]
+
+
+def test_frozen_model_in_half_precision_trained_parts_in_fp32(tiny_pair):
+    model = LLMModulesForCausalLM.from_large_and_small(
+        *tiny_pair, cross_attention_heads=4, large_dtype=torch.bfloat16
+    ).eval()
+    assert model.large.dtype == torch.bfloat16
+    assert model.bridge.pre_proj.weight.dtype == model.lm_head.weight.dtype == torch.float32
+    ids = torch.randint(10, 300, (1, 5))
+    assert model(ids).logits.dtype == torch.float32
+    assert model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False).shape == (1, 9)

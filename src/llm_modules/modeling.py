@@ -371,6 +371,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         the trained parts, `large_dtype` (default: `dtype`) to the frozen model; `device_map` is passed to the
         large model and the rest follows it. `config_overrides` are `LLMModulesConfig` options.
         """
+        dtype = config_overrides.pop("torch_dtype", dtype)  # the transformers 4.x name, still common in scripts
         large_dtype = large_dtype if large_dtype is not None else dtype
         large = AutoModel.from_pretrained(
             large_model_name_or_path, dtype=large_dtype, device_map=device_map, trust_remote_code=trust_remote_code
