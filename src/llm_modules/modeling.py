@@ -215,7 +215,13 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
     def _freeze(self) -> None:
         self.large.requires_grad_(False)
         self.large.eval()
-        # The small model reads the bridge output, never its own token embeddings: keep them out of the optimizer.
+        # The small model reads the bridge output, never its own token embeddings: free them (GPT-Neo-125M: 38.6M
+        # parameters, 147 MiB in fp32, which the paper's code even trains; freeing them keeps the real-size training
+        # step under 10 GiB, README Performance). An empty table stays in their place, so the module tree and
+        # `get_input_embeddings()` are what transformers expects.
+        unused = self.small.get_input_embeddings()
+        empty = nn.Embedding(0, unused.embedding_dim, device=unused.weight.device, dtype=unused.weight.dtype)
+        self.small.set_input_embeddings(empty)
         self.small.get_input_embeddings().requires_grad_(False)
 
     def train(self, mode: bool = True) -> "LLMModulesForCausalLM":
@@ -361,6 +367,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         dtype: torch.dtype | str | None = None,
         large_dtype: torch.dtype | str | None = None,
         device_map: Any = None,
+        quantization_config: Any = None,
         trust_remote_code: bool = False,
         **config_overrides: Any,
     ) -> "LLMModulesForCausalLM":
@@ -369,12 +376,15 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         The large model's base transformer is loaded frozen (its LM head is never loaded); the small model's base
         transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` applies to
         the trained parts, `large_dtype` (default: `dtype`) to the frozen model; `device_map` is passed to the
-        large model and the rest follows it. `config_overrides` are `LLMModulesConfig` options.
+        large model and the rest follows it. `quantization_config` (e.g. `BitsAndBytesConfig(load_in_8bit=True)` or
+        `load_in_4bit=True`; needs bitsandbytes and a GPU) loads the frozen model quantized to save memory; the trained
+        parts stay in `dtype`. `config_overrides` are `LLMModulesConfig` options.
         """
         dtype = config_overrides.pop("torch_dtype", dtype)  # the transformers 4.x name, still common in scripts
         large_dtype = large_dtype if large_dtype is not None else dtype
         large = AutoModel.from_pretrained(
-            large_model_name_or_path, dtype=large_dtype, device_map=device_map, trust_remote_code=trust_remote_code
+            large_model_name_or_path, dtype=large_dtype, device_map=device_map, quantization_config=quantization_config,
+            trust_remote_code=trust_remote_code,
         )
         tokenizer = AutoTokenizer.from_pretrained(large_model_name_or_path, trust_remote_code=trust_remote_code)
         if config_overrides.get("small_init", "pretrained") == "pretrained":
@@ -467,12 +477,14 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         dtype: torch.dtype | str | None = None,
         large_dtype: torch.dtype | str | None = None,
         device_map: Any = None,
+        quantization_config: Any = None,
         trust_remote_code: bool = False,
         **kwargs: Any,
     ) -> "LLMModulesForCausalLM":
         """Reload a saved combined model: the frozen model from the recorded id/path, the rest from the dir.
 
-        `large_model_name_or_path` points at the frozen model when it moved since saving.
+        `large_model_name_or_path` points at the frozen model when it moved since saving; `quantization_config`
+        loads it quantized, as in `from_large_and_small`.
         """
         directory = Path(pretrained_model_name_or_path)
         if not (directory / "config.json").is_file():
@@ -487,7 +499,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         try:
             large = AutoModel.from_pretrained(
                 large_source, dtype=_as_dtype(large_dtype if large_dtype is not None else dtype),
-                device_map=device_map, trust_remote_code=trust_remote_code,
+                device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
             )
         except (OSError, ValueError) as error:
             raise OSError(

@@ -1,0 +1,11 @@
+"""Same as `llm-modules bench train` (options: --help); README's Performance section shows the command and its table.
+
+The code lives in llm_modules.benchmarking, so the installed command and this script measure the same thing.
+"""
+
+import sys
+
+from llm_modules.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["bench", "train", *sys.argv[1:]]))

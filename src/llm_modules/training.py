@@ -1,0 +1,607 @@
+"""Training a combined model with `transformers.Trainer`: parameter groups, checkpoints, resume, non-finite losses.
+
+`TrainingOptions` holds every option of `llm-modules train` with the paper's defaults; `run_training(options)` does
+the whole run (load the pair, prepare Bespoke-Stratos, optionally cache the frozen features, train, save, model card);
+`train(model, tokenizer, train_dataset, eval_dataset, options)` trains a model you already have.
+
+What we add to the Trainer, and why:
+- two AdamW learning rates (bridge 1e-4, small model and head 5e-5, as in the paper); the frozen model is in no group;
+- checkpoints hold only the trained weights (the model's `save_pretrained`), load back strictly, and count as
+  complete only once a marker file is written last, so a crash mid-save never leaves a checkpoint we resume from;
+- a step whose loss is not finite is skipped (its gradients are dropped) and counted; 10 in a row stop the run;
+- the loss is turned into each micro-batch's share of the token-weighted mean over the accumulated, global batch,
+  so gradient accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .data import DEFAULT_DATASET, IGNORE_INDEX, DataCollatorForLLMModules, DataReport, load_rows, prepare_datasets
+from .modeling import WEIGHTS_NAME, LLMModulesForCausalLM
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+OPTIONS_NAME = "training_options.json"
+# Options that decide which examples are trained on, in which order: a resumed run must not change them.
+DATA_OPTIONS = ("large", "small", "dataset", "max_length", "subset", "val_split", "seed", "loss_on", "batch_size", "grad_accum")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a loss that was NaN or infinite."""
+
+
+@dataclass
+class TrainingOptions:
+    """Everything `llm-modules train` takes, with the paper's settings as defaults (DESIGN.md).
+
+    `model_options` are `LLMModulesConfig` options (e.g. `cross_attention_heads`, `dropout`); `trainer_args` are
+    passed to `transformers.TrainingArguments` as they are and override what these options set.
+    """
+
+    output_dir: str = "llm-modules-stratos"
+    large: str = "Qwen/Qwen2-1.5B"
+    small: str = "EleutherAI/gpt-neo-125M"
+    dataset: str = DEFAULT_DATASET
+    dataset_split: str = "train"
+    dataset_revision: str | None = None
+    small_init: str = "pretrained"  # or "scratch", as the paper's code does
+    model_options: dict[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    # data
+    max_length: int = 4096
+    subset: float = 0.3
+    val_split: float = 0.1
+    seed: int = 42
+    loss_on: str = "assistant"  # "all" reproduces the paper
+    strict: bool = False
+    # optimization
+    epochs: float = 15
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr_bridge: float = 1e-4
+    lr_small: float = 5e-5  # the small model and the new head
+    weight_decay: float = 0.01  # torch AdamW's default; the paper names no other
+    warmup: float = 0.0  # steps (>= 1) or a fraction of all steps (< 1)
+    lr_scheduler: str = "constant_with_warmup"  # the paper names no schedule: constant after the warmup
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto: bf16 (or fp16) on GPU, fp32 on CPU
+    large_dtype: str = "auto"  # the frozen model: auto = the training precision on GPU, float32 on CPU
+    gradient_checkpointing: bool = False
+    max_nonfinite_steps: int = 10
+    # evaluation, checkpoints, early stopping
+    patience: int = 5
+    min_delta: float = 1e-4
+    save_steps: int | None = None  # None: evaluate and save once per epoch
+    save_total_limit: int | None = 2  # the best checkpoint is always kept besides these
+    logging_steps: int = 10
+    resume: bool = False
+    feature_cache: str | None = None
+    feature_cache_dtype: str = "float16"
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    report_to: str | list[str] = "auto"  # auto: TensorBoard when installed
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainingOptions":
+        """Options from a config file's mapping: unknown keys that `TrainingArguments` takes go to `trainer_args`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        options, trainer_args = {}, dict(values.get("trainer_args") or {})
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name == "trainer_args":
+                continue
+            if name in known:
+                options[name] = value
+            elif name in trainer_fields:
+                trainer_args[name] = value
+            else:
+                raise ValueError(f"unknown training option {key!r} (not an llm-modules option nor a TrainingArguments field)")
+        return cls(**options, trainer_args=trainer_args)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- the Trainer ------------------------------------------------------------------------------------------------
+
+
+def parameter_groups(
+    model: LLMModulesForCausalLM, lr_bridge: float, lr_small: float, weight_decay: float, no_decay: set[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """AdamW groups: the bridge at `lr_bridge`, the small model and the new head at `lr_small`; names in `no_decay`
+    (biases and norms) get no weight decay. Parameters that do not train (the frozen model) are in no group."""
+    groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "bridge" if name.startswith("bridge.") else "small"
+        groups.setdefault((part, name not in no_decay), []).append(param)
+    return [
+        {
+            "params": params,
+            "lr": lr_bridge if part == "bridge" else lr_small,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{part}{'' if decay else '_no_decay'}",
+        }
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint dirs whose save finished (their marker exists), oldest step first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if p.name.split("-")[-1].isdigit() and (p / COMPLETE_MARKER).is_file()
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint dirs without a completion marker: left by a crash during a save."""
+    root = Path(output_dir)
+    complete = set(complete_checkpoints(root))
+    return [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p not in complete]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that `path` is either absent or whole: temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class _StepGuard(TrainerCallback):
+    """Drops the gradients of an optimizer step whose loss was not finite, just before the optimizer sees them."""
+
+    def __init__(self, trainer: "LLMModulesTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._guard_optimizer_step()
+
+
+class LLMModulesTrainer(Trainer):
+    """`Trainer` for `LLMModulesForCausalLM`: two learning rates, trained-only checkpoints marked complete when whole,
+    token-weighted loss across accumulation and processes, non-finite steps skipped. See the module docstring."""
+
+    def __init__(self, *args: Any, lr_bridge: float = 1e-4, lr_small: float = 5e-5, max_nonfinite_steps: int = 10,
+                 save_total_limit: int | None = None, model_card: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lr_bridge, self.lr_small = lr_bridge, lr_small
+        self.max_nonfinite_steps = max_nonfinite_steps
+        # Rotation runs after the completion marker is written (the Trainer's own would run before it).
+        self.checkpoint_limit = save_total_limit
+        self.model_card = model_card or {}
+        self.skipped_nonfinite_steps = 0
+        self._nonfinite_in_row = 0
+        self._nonfinite_in_step = torch.zeros((), dtype=torch.bool)
+        # Our compute_loss returns each micro-batch's share of the whole batch's token mean (see there).
+        self.model_accepts_loss_kwargs = True
+        self.add_callback(_StepGuard(self))
+
+    # -- optimizer and loss --
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            no_decay = {n for n, _ in model.named_parameters()} - set(self.get_decay_parameter_names(model))
+            groups = parameter_groups(model, self.lr_bridge, self.lr_small, self.args.weight_decay, no_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            # Evaluation needs the loss only: the model still computes logits in eval mode, keep them to one position.
+            inputs = {**inputs, "logits_to_keep": 1}
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if num_items_in_batch is not None and model.training:
+            # The model returns the mean over this micro-batch's labelled tokens. The Trainer wants this micro-batch's
+            # share of the mean over all labelled tokens of the accumulated batch (on all processes), so that
+            # accumulation and DDP give the same update as one big batch.
+            labelled = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+            loss = loss * labelled / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
+        return (loss, outputs) if return_outputs else loss
+
+    # -- non-finite losses --
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_in_step = self._nonfinite_in_step.to(loss.device) | ~torch.isfinite(loss)
+        return loss
+
+    def _guard_optimizer_step(self) -> None:
+        flag = self._nonfinite_in_step.float()
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")  # a NaN on one process poisons every gradient
+        self._nonfinite_in_step = torch.zeros((), dtype=torch.bool, device=flag.device)
+        if not bool(flag > 0):
+            self._nonfinite_in_row = 0
+            return
+        self.skipped_nonfinite_steps += 1
+        self._nonfinite_in_row += 1
+        logger.warning(
+            f"step {self.state.global_step + 1}: loss is not finite, step skipped "
+            f"({self._nonfinite_in_row} in a row, {self.skipped_nonfinite_steps} in all)"
+        )
+        if self._nonfinite_in_row >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_row} steps in a row had a NaN or infinite loss (last at step "
+                f"{self.state.global_step + 1}); lower the learning rate or check the data and the precision"
+            )
+        if not self.args.fp16:
+            # No gradients: AdamW leaves those parameters and their moments untouched. (Under fp16 the grad scaler
+            # already skips a step whose gradients are not finite, and needs them to find out.)
+            for param in self.model.parameters():
+                param.grad = None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.skipped_nonfinite_steps:
+            logs["skipped_nonfinite_steps"] = self.skipped_nonfinite_steps
+        super().log(logs, start_time)
+
+    # -- checkpoints: trained weights only, complete when marked --
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        directory = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        for path in directory.rglob("*"):  # on disk before the marker says so, even if the machine dies
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        write_atomic(directory / COMPLETE_MARKER, json.dumps({"step": self.state.global_step}) + "\n")
+        rotate_checkpoints(self._get_output_dir(trial), self.checkpoint_limit, self.state.best_model_checkpoint)
+
+    def _trained_model(self) -> LLMModulesForCausalLM:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._trained_model().load_trained_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
+
+    def _load_best_model(self) -> None:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        logger.info(f"loading the best model from {self.state.best_model_checkpoint} (eval loss {self.state.best_metric})")
+        self._trained_model().load_trained_weights(Path(self.state.best_model_checkpoint) / WEIGHTS_NAME)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # push_to_hub writes the card through here: publish ours, not the Trainer's generic one.
+        if self.is_world_process_zero():
+            write_model_card(self.args.output_dir, **self.model_card)
+
+
+# ---- building and running ---------------------------------------------------------------------------------------
+
+
+def resolve_precision(precision: str) -> str:
+    """"bf16", "fp16" or "fp32": auto picks bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPU."""
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def training_arguments(options: TrainingOptions, has_eval: bool) -> TrainingArguments:
+    """`TrainingArguments` for these options; `options.trainer_args` override anything set here."""
+    from transformers.integrations import is_tensorboard_available
+
+    precision = resolve_precision(options.precision)
+    strategy = "steps" if options.save_steps else "epoch"
+    report_to = options.report_to
+    if report_to == "auto":
+        report_to = ["tensorboard"] if is_tensorboard_available() else "none"
+    values: dict[str, Any] = dict(
+        output_dir=options.output_dir,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.lr_small,  # the default; each parameter group sets its own
+        weight_decay=options.weight_decay,
+        warmup_steps=options.warmup,
+        lr_scheduler_type=options.lr_scheduler,
+        max_grad_norm=options.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        optim="adamw_torch",
+        seed=options.seed,
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        save_strategy=strategy,
+        save_steps=options.save_steps or 500,
+        eval_strategy=strategy if has_eval else "no",
+        eval_steps=options.save_steps,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False,
+        prediction_loss_only=True,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience survives a resume
+        ddp_find_unused_parameters=False,  # every trained parameter is used; the frozen ones have no gradient
+        push_to_hub=options.push_to_hub,
+        hub_model_id=options.hub_model_id,
+        report_to=report_to,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, torchrun's processes must be told they are CPU workers, or each trains alone (no DDP).
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+    )
+    values.update(options.trainer_args)
+    return TrainingArguments(**values)
+
+
+def build_trainer(
+    model: LLMModulesForCausalLM,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    options: TrainingOptions,
+    callbacks: list[TrainerCallback] | None = None,
+    model_card: dict[str, Any] | None = None,
+) -> LLMModulesTrainer:
+    """An `LLMModulesTrainer` over tokenized datasets (from `prepare_datasets`, or feature-cache datasets)."""
+    args = training_arguments(options, has_eval=eval_dataset is not None)
+    if options.gradient_checkpointing:
+        # The small model only: the frozen one keeps no activations for backward anyway.
+        model.small.activation_checkpointing_enable({"use_reentrant": False})
+    callbacks = list(callbacks or [])
+    if eval_dataset is not None and options.patience > 0:
+        callbacks.append(EarlyStoppingCallback(options.patience, options.min_delta))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return LLMModulesTrainer(
+        model=model,
+        args=args,
+        data_collator=DataCollatorForLLMModules(pad_id),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        lr_bridge=options.lr_bridge,
+        lr_small=options.lr_small,
+        max_nonfinite_steps=options.max_nonfinite_steps,
+        save_total_limit=options.save_total_limit,
+        model_card=model_card,
+    )
+
+
+def checkpoint_to_resume(output_dir: str | os.PathLike) -> Path:
+    """The newest complete checkpoint; incomplete ones (a crash mid-save) are never used."""
+    found = complete_checkpoints(output_dir)
+    if not found:
+        raise FileNotFoundError(f"--resume: no complete checkpoint in {output_dir}")
+    return found[-1]
+
+
+def refuse_to_mix_runs(output_dir: str | os.PathLike) -> None:
+    """A fresh run must not write into another run's checkpoints (rotation and best-model tracking would mix them)."""
+    if complete_checkpoints(output_dir):
+        raise FileExistsError(
+            f"{output_dir} already holds checkpoints: pass --resume to continue that run, or use another --output-dir"
+        )
+
+
+def train(
+    model: LLMModulesForCausalLM,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    options: TrainingOptions,
+    callbacks: list[TrainerCallback] | None = None,
+    model_card: dict[str, Any] | None = None,
+) -> LLMModulesTrainer:
+    """Train (resuming from the newest complete checkpoint if `options.resume`), save the final model (the best one
+    when there is a validation set) to `options.output_dir` with a model card, and return the trainer.
+
+    The saved dir loads with `LLMModulesForCausalLM.from_pretrained(options.output_dir)`.
+    """
+    output_dir = Path(options.output_dir)
+    checkpoint = None
+    if options.resume:
+        checkpoint = checkpoint_to_resume(output_dir)
+    else:
+        refuse_to_mix_runs(output_dir)
+    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, options, callbacks, model_card)
+    if trainer.args.should_save:
+        for leftover in incomplete_checkpoints(output_dir):
+            logger.warning(f"removing {leftover}: its save never finished")
+            shutil.rmtree(leftover)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.save_model(str(output_dir))
+    metrics = trainer.evaluate() if eval_dataset is not None else {}
+    trained = trainer._trained_model()
+    trainer.model_card = {
+        **trainer.model_card,
+        "options": options,
+        "large": trained.config.large_model_name_or_path,
+        "small": trained.config.small_model_name_or_path,
+        "eval_loss": metrics.get("eval_loss"),
+        "steps": trainer.state.global_step,
+        "skipped_nonfinite_steps": trainer.skipped_nonfinite_steps,
+    }
+    trainer.create_model_card()
+    if options.push_to_hub:
+        trainer.push_to_hub(commit_message="llm-modules: end of training")
+    return trainer
+
+
+@dataclass
+class TrainingResult:
+    trainer: LLMModulesTrainer
+    report: DataReport
+    eval_loss: float | None
+    output_dir: Path
+
+
+def check_model_paths(options: TrainingOptions) -> None:
+    """A name that is clearly a local path (absolute or starting with '.') must exist; anything else may be a hub id."""
+    for name, source in (("large", options.large), ("small", options.small)):
+        path = Path(source)
+        if (path.is_absolute() or source.startswith(".")) and not path.exists():
+            raise FileNotFoundError(f"--{name} {source}: no such directory")
+
+
+def load_model_for_training(options: TrainingOptions) -> LLMModulesForCausalLM:
+    """Compose the pair named in `options`: the frozen model in the training precision on GPU, fp32 on CPU."""
+    check_model_paths(options)
+    large_dtype = options.large_dtype
+    if large_dtype == "auto":
+        large_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[resolve_precision(options.precision)]
+    try:
+        return LLMModulesForCausalLM.from_large_and_small(
+            options.large, options.small, large_dtype=large_dtype, small_init=options.small_init,
+            trust_remote_code=options.trust_remote_code, **options.model_options,
+        )
+    except OSError as error:
+        raise OSError(f"cannot load --large {options.large} / --small {options.small}: {error}") from error
+
+
+def check_resume_options(options: TrainingOptions) -> None:
+    """A resumed run must use the data options it started with, or it would train on other examples."""
+    saved_path = Path(options.output_dir) / OPTIONS_NAME
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = [f"{k} ({saved.get(k)!r} -> {getattr(options, k)!r})" for k in DATA_OPTIONS if saved.get(k) != getattr(options, k)]
+    if changed:
+        raise ValueError(f"--resume with other data options than the run in {options.output_dir}: " + ", ".join(changed))
+
+
+def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | None = None) -> TrainingResult:
+    """The whole run of `llm-modules train`: compose the pair, prepare the data, cache features if asked, train, save."""
+    from transformers import set_seed
+
+    if options.resume:
+        check_resume_options(options)
+    else:
+        refuse_to_mix_runs(options.output_dir)
+    # The data first: a bad row or a missing file should not wait for minutes of model loading.
+    check_model_paths(options)
+    tokenizer = AutoTokenizer.from_pretrained(options.large, trust_remote_code=options.trust_remote_code)
+    rows = load_rows(options.dataset, options.dataset_split, options.dataset_revision)
+    train_dataset, eval_dataset, report = prepare_datasets(
+        rows, tokenizer, max_length=options.max_length, subset=options.subset, val_split=options.val_split,
+        seed=options.seed, loss_on=options.loss_on, strict=options.strict,
+    )
+    for line in report.lines():
+        logger.info(line)
+    set_seed(options.seed)  # the bridge and head are initialized from it
+    model = load_model_for_training(options)
+    args_for_ranks = training_arguments(options, has_eval=eval_dataset is not None)
+    if options.feature_cache:
+        from .feature_cache import cached_datasets
+
+        with args_for_ranks.main_process_first(desc="feature cache"):
+            train_dataset, eval_dataset = cached_datasets(
+                options.feature_cache, model, train_dataset, eval_dataset, max_length=options.max_length,
+                dtype=options.feature_cache_dtype, device=args_for_ranks.device,
+            )
+    if args_for_ranks.should_save:
+        Path(options.output_dir).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(options.output_dir) / OPTIONS_NAME, json.dumps(options.to_dict(), indent=2, default=str) + "\n")
+    card = {"report": report, "options": options}
+    trainer = train(model, tokenizer, train_dataset, eval_dataset, options, callbacks, card)
+    return TrainingResult(trainer, report, trainer.model_card.get("eval_loss"), Path(options.output_dir))
+
+
+# ---- the model card ---------------------------------------------------------------------------------------------
+
+
+def write_model_card(
+    output_dir: str | os.PathLike,
+    options: TrainingOptions | None = None,
+    large: str | None = None,
+    small: str | None = None,
+    report: DataReport | None = None,
+    eval_loss: float | None = None,
+    steps: int | None = None,
+    skipped_nonfinite_steps: int = 0,
+) -> Path:
+    """README.md of a trained model: the two base models, the data, the settings, the final validation loss, loading.
+
+    `large` and `small` name the base models (default: those in `options`).
+    """
+    options = options or TrainingOptions(output_dir=str(output_dir))
+    large, small = large or options.large, small or options.small
+    loss = f"{eval_loss:.4f}" if eval_loss is not None and math.isfinite(eval_loss) else "not measured (no validation split)"
+    data = ""
+    if report is not None:
+        data = f"{report.rows} rows read, {len(report.invalid)} invalid rows skipped, {report.too_long} longer than " \
+               f"{options.max_length} tokens filtered; {report.train} training and {report.validation} validation examples."
+    settings = {k: v for k, v in options.to_dict().items() if k not in ("output_dir", "trainer_args", "large", "small") and v not in (None, {}, [])}
+    card = f"""---
+library_name: llm-modules
+tags: [llm-modules, cross-attention, knowledge-transfer]
+datasets: [{options.dataset}]
+base_model: [{large}, {small}]
+---
+
+# LLM Modules: {Path(small).name} wired to a frozen {Path(large).name}
+
+A small causal LM (`{small}`, {options.small_init} start) reads the last hidden states of a frozen large one
+(`{large}`) through trainable Enhanced Cross-Attention layers and predicts tokens of the large model's
+tokenizer with a new head (LLM Modules, arXiv 2502.08213). This repository holds only the trained weights (bridge,
+small model, head) and the configs; the frozen model is loaded from `{large}`.
+
+## Training
+
+- Data: `{options.dataset}` (split `{options.dataset_split}`), subset {options.subset}, validation split {options.val_split},
+  seed {options.seed}, loss on {options.loss_on} tokens, EOS trained. {data}
+- Steps: {steps if steps is not None else "?"}; non-finite steps skipped: {skipped_nonfinite_steps}.
+- Final validation loss: **{loss}**
+
+Settings:
+
+```json
+{json.dumps(settings, indent=2, default=str)}
+```
+
+## Use
+
+```python
+from llm_modules import LLMModulesForCausalLM
+from llm_modules.data import render_prompt
+
+model = LLMModulesForCausalLM.from_pretrained("{Path(options.output_dir).name}")  # or this repo id
+prompt = render_prompt([{{"role": "user", "content": "What is 2 + 3?"}}])
+inputs = model.tokenizer(prompt, return_tensors="pt")
+print(model.tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0]))
+```
+
+or `llm-modules generate --model DIR --prompt "What is 2 + 3?"`.
+"""
+    path = Path(output_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, card)
+    return path

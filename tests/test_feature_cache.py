@@ -1,0 +1,115 @@
+"""The frozen-feature cache: same loss as running the large model, manifest checks, rebuilds, training through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm_modules import LLMModulesForCausalLM
+from llm_modules.data import DataCollatorForLLMModules, prepare_datasets
+from llm_modules.feature_cache import (
+    FEATURES_NAME,
+    MANIFEST_NAME,
+    FeatureCacheDataset,
+    FeatureCacheMismatch,
+    build_feature_cache,
+    cached_datasets,
+)
+from llm_modules.training import TrainingOptions, train
+
+from test_training import stratos_rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def model(tiny_pair):
+    torch.manual_seed(0)
+    return LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4)
+
+
+@pytest.fixture()
+def dataset(model):
+    return prepare_datasets(stratos_rows(12), model.tokenizer, subset=1.0, val_split=0.0)[0]
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 2e-3), ("bfloat16", 2e-2)])
+def test_loss_from_the_cache_equals_the_loss_through_the_large_model(model, dataset, tmp_path, dtype, tolerance):
+    cache = build_feature_cache(tmp_path / dtype, model, dataset, dtype=dtype, batch_tokens=64)
+    assert cache.manifest["dtype"] == dtype and len(cache) == len(dataset)
+    collate = DataCollatorForLLMModules(model.tokenizer.pad_token_id)
+    batch = collate([{**dataset[i], "large_hidden_states": cache[i]} for i in range(4)])  # padded: lengths differ
+    assert batch["attention_mask"].min() == 0
+    model.train()  # the training path: loss only over labelled positions
+    model.bridge.eval()  # no dropout, so both losses see the same network
+    model.small.eval()
+    from_cache = model(**batch).loss
+    without = {k: v for k, v in batch.items() if k != "large_hidden_states"}
+    through_large = model(**without).loss
+    torch.testing.assert_close(from_cache, through_large, rtol=tolerance, atol=tolerance)
+    # The cached rows are the frozen model's states, example by example.
+    states = model.large_hidden_states(torch.tensor([dataset[5]["input_ids"]]))[0]
+    torch.testing.assert_close(cache[5].float(), states, rtol=tolerance * 10, atol=tolerance * 10)
+
+
+def test_a_matching_cache_is_reused_and_a_stale_one_rebuilt_or_refused(model, dataset, tmp_path):
+    directory = tmp_path / "cache"
+    build_feature_cache(directory, model, dataset)
+    written = (directory / FEATURES_NAME).stat().st_mtime_ns
+    build_feature_cache(directory, model, dataset)
+    assert (directory / FEATURES_NAME).stat().st_mtime_ns == written  # reused, not recomputed
+
+    other = dataset.select(range(6))
+    with pytest.raises(FeatureCacheMismatch, match="dataset_fingerprint"):
+        build_feature_cache(directory, model, other, on_mismatch="error")
+    with pytest.raises(FeatureCacheMismatch, match="max_length"):
+        build_feature_cache(directory, model, dataset, max_length=128, on_mismatch="error")
+    rebuilt = build_feature_cache(directory, model, other)
+    assert len(rebuilt) == 6 and rebuilt.manifest["num_examples"] == 6
+
+    with torch.no_grad():
+        model.large.get_input_embeddings().weight.mul_(2)  # another large model: its states differ
+    with pytest.raises(FeatureCacheMismatch, match="large_weights"):
+        build_feature_cache(directory, model, other, on_mismatch="error")
+
+
+def test_an_interrupted_build_is_redone_and_foreign_dirs_are_refused(model, dataset, tmp_path):
+    directory = tmp_path / "cache"
+    build_feature_cache(directory, model, dataset)
+    (directory / MANIFEST_NAME).unlink()  # as if killed before the manifest, written last
+    cache = build_feature_cache(directory, model, dataset, on_mismatch="error")
+    assert (directory / MANIFEST_NAME).is_file() and len(cache) == len(dataset)
+
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FeatureCacheMismatch, match="not a feature cache"):
+        build_feature_cache(foreign, model, dataset)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_training_from_a_float32_cache_matches_training_through_the_large_model(tiny_pair, tmp_path):
+    weights = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4)
+        train_set, val_set, _ = prepare_datasets(stratos_rows(), model.tokenizer, subset=1.0, val_split=0.25)
+        if cached:
+            train_set, val_set = cached_datasets(tmp_path / "cache", model, train_set, val_set, dtype="float32")
+            assert isinstance(train_set, FeatureCacheDataset) and isinstance(val_set, FeatureCacheDataset)
+        options = TrainingOptions(
+            output_dir=str(tmp_path / f"out-{cached}"), max_steps=3, batch_size=2, lr_bridge=3e-3, lr_small=3e-3,
+            save_steps=3, report_to="none", trainer_args={"disable_tqdm": True},
+        )
+        trainer = train(model, model.tokenizer, train_set, val_set, options)
+        weights.append((model.trained_state_dict(), trainer.model_card["eval_loss"]))
+    (plain, plain_loss), (cached_weights, cached_loss) = weights
+    for name in plain:
+        torch.testing.assert_close(cached_weights[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)

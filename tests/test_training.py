@@ -1,0 +1,259 @@
+"""Training on the Trainer: parameter groups, frozen model, trained-only checkpoints, accumulation, non-finite steps,
+resume after a real kill -9, and 2-process DDP against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llm_modules import LLMModulesForCausalLM
+from llm_modules.data import prepare_datasets
+from llm_modules.training import (
+    COMPLETE_MARKER,
+    NonFiniteLossError,
+    TrainingOptions,
+    check_resume_options,
+    checkpoint_to_resume,
+    complete_checkpoints,
+    parameter_groups,
+    train,
+)
+
+TESTS = Path(__file__).parent
+
+
+def stratos_rows(n: int = 24) -> list[dict]:
+    """Rows whose lengths differ, so that token-weighted and per-example means differ."""
+    return [
+        {
+            "system": "Answer with the sum.",
+            "conversations": [
+                {"from": "user", "value": f"what is {i} plus {i + 1}?" + " please" * (i % 4)},
+                {"from": "assistant", "value": f"<|begin_of_solution|> {2 * i + 1} <|end_of_solution|>" + " ok" * (i % 3)},
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The machine's cores are shared: more threads than free cores make tiny models many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "stratos.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in stratos_rows()))
+    return path
+
+
+def compose(tiny_pair, **overrides) -> LLMModulesForCausalLM:
+    torch.manual_seed(0)
+    return LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4, **overrides)
+
+
+def options(tmp_path, **overrides) -> TrainingOptions:
+    values = dict(
+        output_dir=str(tmp_path / "out"), max_steps=4, batch_size=2, lr_bridge=3e-3, lr_small=3e-3, logging_steps=1,
+        subset=1.0, val_split=0.0, report_to="none", trainer_args={"disable_tqdm": True},
+    )
+    return TrainingOptions(**{**values, **overrides})
+
+
+def data(model, val_split=0.0, **kwargs):
+    return prepare_datasets(stratos_rows(), model.tokenizer, val_split=val_split, subset=1.0, **kwargs)[:2]
+
+
+def test_parameter_groups_hold_the_bridge_and_the_small_model_only(tiny_pair):
+    model = compose(tiny_pair)
+    groups = parameter_groups(model, lr_bridge=1e-4, lr_small=5e-5, weight_decay=0.01)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped))
+    assert set(grouped) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not set(grouped) & {id(p) for p in model.large.parameters()}
+    bridge = {id(p) for p in model.bridge.parameters()}
+    for group in groups:
+        in_bridge = {id(p) in bridge for p in group["params"]}
+        assert in_bridge == ({True} if group["name"].startswith("bridge") else {False})
+        assert group["lr"] == (1e-4 if group["name"].startswith("bridge") else 5e-5)
+    assert id(model.lm_head.weight) in {id(p) for g in groups if g["name"] == "small" for p in g["params"]}
+
+
+def test_training_keeps_the_large_model_frozen_and_saves_only_what_trains(tiny_pair, tmp_path):
+    model = compose(tiny_pair)
+    frozen = {k: v.clone() for k, v in model.large.state_dict().items()}
+    train_set, val_set = data(model, val_split=0.25)
+    opts = options(tmp_path, save_steps=2, val_split=0.25)
+    trainer = train(model, model.tokenizer, train_set, val_set, opts)
+
+    assert all(torch.equal(frozen[k], v) for k, v in model.large.state_dict().items())
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in model.large.parameters()}
+    assert {g["lr"] for g in trainer.optimizer.optimizer.param_groups if g["name"].startswith("bridge")} <= {3e-3}
+
+    out = Path(opts.output_dir)
+    checkpoints = complete_checkpoints(out)
+    assert [c.name for c in checkpoints] == ["checkpoint-2", "checkpoint-4"]
+    trained_keys = set(model.trained_state_dict())
+    for directory in [*checkpoints, out]:
+        keys = set(load_file(directory / "model.safetensors"))
+        assert keys == trained_keys and not any(k.startswith("large.") for k in keys)
+    assert trainer.state.best_model_checkpoint in {str(c) for c in checkpoints}
+
+    reloaded = LLMModulesForCausalLM.from_pretrained(out)
+    batch = model.tokenizer("what is 1 plus 2?", return_tensors="pt")
+    model.eval()
+    torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits)
+
+    card = (out / "README.md").read_text()
+    eval_loss = trainer.model_card["eval_loss"]
+    assert str(tiny_pair[0]) in card and str(tiny_pair[1]) in card and "bespokelabs/Bespoke-Stratos-17k" in card
+    assert f"Final validation loss: **{eval_loss:.4f}**" in card and "from_pretrained" in card
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(model, model.tokenizer, train_set, val_set, opts)
+
+
+def test_accumulation_gives_the_update_of_one_big_batch(tiny_pair, tmp_path):
+    weights = []
+    for batch_size, grad_accum in ((2, 1), (1, 2)):
+        model = compose(tiny_pair, dropout=0.0)
+        train_set, _ = data(model)
+        opts = options(tmp_path / f"{batch_size}x{grad_accum}", batch_size=batch_size, grad_accum=grad_accum, max_steps=3)
+        train(model, model.tokenizer, train_set, None, opts)
+        weights.append(model.trained_state_dict())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], msg=name)
+
+
+def test_gradient_checkpointing_of_the_small_model_changes_no_weight(tiny_pair, tmp_path):
+    weights = []
+    for checkpointing in (False, True):
+        model = compose(tiny_pair, dropout=0.0)
+        train_set, _ = data(model)
+        train(model, model.tokenizer, train_set, None,
+              options(tmp_path / str(checkpointing), max_steps=2, gradient_checkpointing=checkpointing))
+        assert model.small.is_activation_checkpointing == checkpointing
+        weights.append(model.trained_state_dict())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], msg=name)
+
+
+class PoisonLoss:
+    """Forward hook: makes the training loss NaN on the chosen training forward calls (1-based)."""
+
+    def __init__(self, calls):
+        self.calls, self.count = set(calls), 0
+
+    def __call__(self, module, args, output):
+        if module.training:
+            self.count += 1
+            if self.count in self.calls:
+                output["loss"] = output["loss"] * float("nan")
+        return output
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tiny_pair, tmp_path):
+    model = compose(tiny_pair)
+    train_set, _ = data(model)
+    model.register_forward_hook(PoisonLoss({2, 3}))
+    trainer = train(model, model.tokenizer, train_set, None, options(tmp_path, max_steps=5))
+    assert trainer.skipped_nonfinite_steps == 2 and trainer.state.global_step == 5
+    assert all(torch.isfinite(t).all() for t in model.trained_state_dict().values())
+    assert any(log.get("skipped_nonfinite_steps") == 2 for log in trainer.state.log_history)
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_training_without_touching_the_weights(tiny_pair, tmp_path):
+    model = compose(tiny_pair)
+    before = {k: v.clone() for k, v in model.trained_state_dict().items()}
+    train_set, _ = data(model)
+    model.register_forward_hook(PoisonLoss(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        train(model, model.tokenizer, train_set, None, options(tmp_path, max_steps=10, max_nonfinite_steps=3))
+    # Skipped means skipped: no AdamW update, not even weight decay.
+    assert all(torch.equal(before[k], v) for k, v in model.trained_state_dict().items())
+
+
+def test_only_complete_checkpoints_are_resumed_from(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        if complete:
+            (directory / COMPLETE_MARKER).write_text("{}")
+    assert checkpoint_to_resume(tmp_path).name == "checkpoint-4"
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoint_to_resume(tmp_path / "elsewhere")
+
+
+def test_resume_refuses_other_data_options(tmp_path):
+    saved = options(tmp_path)
+    Path(saved.output_dir).mkdir(parents=True)
+    (Path(saved.output_dir) / "training_options.json").write_text(json.dumps(saved.to_dict()))
+    check_resume_options(options(tmp_path, resume=True, epochs=3))  # not a data option
+    with pytest.raises(ValueError, match=r"seed \(42 -> 7\)"):
+        check_resume_options(options(tmp_path, resume=True, seed=7))
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+
+
+def train_args(tiny_pair, dataset_file, output_dir, *extra: str) -> list[str]:
+    return [
+        "train", "--large", str(tiny_pair[0]), "--small", str(tiny_pair[1]), "--dataset", str(dataset_file),
+        "--output-dir", str(output_dir), "--subset", "1", "--lr-bridge", "3e-3", "--lr-small", "3e-3",
+        "--logging-steps", "1", *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_minus_9_mid_save_ends_with_the_same_weights(tiny_pair, dataset_file, tmp_path):
+    extra = ("--max-steps", "8", "--batch-size", "2", "--save-steps", "2", "--val-split", "0.25")
+    straight = run([sys.executable, "-m", "llm_modules.cli", *train_args(tiny_pair, dataset_file, tmp_path / "a", *extra)])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    # SIGKILL while checkpoint-6 is half written: its weights are on disk, its optimizer state is not.
+    killed_dir = tmp_path / "b"
+    killed = run([sys.executable, str(TESTS / "train_until_killed.py"), "6",
+                  *train_args(tiny_pair, dataset_file, killed_dir, *extra)])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (killed_dir / "checkpoint-6" / "model.safetensors").is_file()
+    assert [c.name for c in complete_checkpoints(killed_dir)] == ["checkpoint-2", "checkpoint-4"]
+
+    resumed = run([sys.executable, "-m", "llm_modules.cli", *train_args(tiny_pair, dataset_file, killed_dir, *extra), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint-6: its save never finished" in resumed.stderr
+    expected, got = load_file(tmp_path / "a" / "model.safetensors"), load_file(killed_dir / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pair, dataset_file, tmp_path):
+    config = tmp_path / "no_dropout.yaml"
+    config.write_text("model_options:\n  dropout: 0.0\nval_split: 0.0\nmax_steps: 3\n")
+    single = run([sys.executable, "-m", "llm_modules.cli",
+                  *train_args(tiny_pair, dataset_file, tmp_path / "one", "--config", str(config), "--batch-size", "2")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "-m", "llm_modules.cli",
+                  *train_args(tiny_pair, dataset_file, tmp_path / "two", "--config", str(config), "--batch-size", "1")])
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert "trained 3 steps" in single.stdout and "trained 3 steps" in double.stdout
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], msg=name)
