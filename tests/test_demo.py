@@ -1,0 +1,127 @@
+"""The offline demo: its synthetic world, the source's pretraining data, and a `--quick` run end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from llm_modules.cli import main
+from llm_modules.data import conversation_turns
+from llm_modules.demo.knowledge_source import SourceOptions, pretraining_dataset, pretraining_documents
+from llm_modules.demo.report import SYSTEMS
+from llm_modules.demo.world import (
+    ATTRIBUTES,
+    biography,
+    make_world,
+    majority_baseline,
+    question,
+    pronoun_statement,
+    task_row,
+)
+from llm_modules.evaluation import extract_solution, is_well_formed
+from llm_modules.tiny_models import train_tokenizer
+
+
+def test_world_is_seeded_unique_and_every_answer_occurs_in_a():
+    world = make_world(30, 20, seed=3)
+    assert make_world(30, 20, seed=3) == world and make_world(30, 20, seed=4) != world
+    names = [p.name for p in world.people]
+    assert len(set(names)) == 50
+    for attribute, values in ATTRIBUTES.items():
+        assert {p.facts[attribute] for p in world.split_a} == set(values)
+    with pytest.raises(ValueError, match="at least"):
+        make_world(5, 5, seed=0)
+
+
+def test_majority_baseline_counts_the_most_common_a_value_on_b():
+    world = make_world(40, 25, seed=1)
+    expected = sum(
+        p.facts[a] == Counter(q.facts[a] for q in world.split_a).most_common(1)[0][0]
+        for p in world.split_b for a in ATTRIBUTES
+    ) / (25 * len(ATTRIBUTES))
+    assert majority_baseline(world) == expected
+    assert 0 < expected < 0.3
+
+
+def test_biographies_paraphrase_and_reorder_every_fact():
+    person = make_world(20, 1, seed=0).split_b[0]
+    rng = random.Random(0)
+    bios = {" ".join(biography(person, rng)) for _ in range(30)}
+    assert len(bios) > 10
+    for bio in bios:
+        assert all(value in bio for value in person.facts.values())
+
+
+def test_source_sees_biographies_of_everyone_but_qa_about_a_only():
+    world = make_world(20, 10, seed=0)
+    documents = pretraining_documents(world, rounds=2, seed=0)
+    for person in world.split_b:
+        assert any(person.name in d and "Q:" not in d for d in documents)
+        assert not any(person.name in d and "Q:" in d for d in documents)
+    assert all(any(question(p, "city") in d for d in documents) for p in world.split_a)
+
+
+def test_half_of_the_pretraining_documents_follow_an_untrained_prefix():
+    tokenizer = train_tokenizer(["alpha beta gamma delta"] * 20, vocab_size=280)
+    docs = ["alpha beta", "gamma", "delta alpha gamma"] * 20
+    options = SourceOptions(prefix_fraction=0.5, prefix_tokens=3, noise_tokens=2)
+    dataset = pretraining_dataset(docs, tokenizer, options, seed=0)
+    prefixes = []
+    for doc, example in zip(docs, dataset):
+        text = tokenizer(" " + doc)["input_ids"] + [tokenizer.eos_token_id]
+        prefix = len(example["input_ids"]) - len(text)
+        prefixes.append(prefix)
+        assert 0 <= prefix <= 5 and example["input_ids"][prefix:] == text
+        assert example["labels"] == [-100] * prefix + text  # the loss never trains on a prefix
+        assert tokenizer.eos_token_id not in example["input_ids"][:prefix]
+    assert 15 <= sum(p > 0 for p in prefixes) <= 45 and len(set(prefixes)) > 3
+    without = pretraining_dataset(docs, tokenizer, SourceOptions(prefix_fraction=0.0), seed=0)
+    assert all(example["labels"][0] != -100 for example in without)
+
+
+def test_task_rows_are_stratos_rows_whose_solution_is_the_fact_and_never_the_name():
+    person = make_world(20, 1, seed=0).split_b[0]
+    for attribute in ATTRIBUTES:
+        row = task_row(person, attribute)
+        system, turns = conversation_turns(row)
+        answer = turns[-1]["content"]
+        assert is_well_formed(answer)
+        assert extract_solution(answer) == person.facts[attribute]
+        assert pronoun_statement(person, attribute) in answer  # the recall, in the source's own words
+        assert person.name in turns[0]["content"] and person.name not in answer
+
+
+def test_biographies_name_the_person_first_and_use_they_later():
+    person = make_world(20, 1, seed=0).split_b[0]
+    rng = random.Random(0)
+    bios = [" ".join(biography(person, rng)) for _ in range(40)]
+    assert all(bio.startswith(person.name) for bio in bios)
+    assert any(" They " in bio or " Their " in bio for bio in bios)
+
+
+@pytest.mark.slow
+def test_quick_demo_transfers_knowledge(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output-dir", str(out), "--seed", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "| `combined` |" in printed and "wall time" in printed
+
+    results = json.loads((out / "results.json").read_text())
+    systems = results["systems"]
+    assert set(systems) <= set(SYSTEMS) and {"combined", "small_only", "teacher_native"} <= set(systems)
+    for row in systems.values():
+        assert set(row) >= {"split_b_exact_match", "split_a_exact_match", "format_valid", "trainable_params",
+                            "train_seconds", "n_b"}
+        assert 0 <= row["split_b_exact_match"] <= 1 and row["n_b"] > 0
+    combined, small = systems["combined"], systems["small_only"]
+    # The small model never saw split B's facts; the combined model reads them from the frozen source.
+    assert combined["split_b_exact_match"] >= small["split_b_exact_match"] + 0.30
+    assert small["split_a_exact_match"] > small["split_b_exact_match"]  # it learned A's rows, not B's facts
+    assert combined["format_valid"] > 0.9
+    assert 0 < results["majority_baseline_b"] < 0.3
+    for name in ("accuracy.png", "loss_curves.png", "results.md"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "models" / "combined" / "model.safetensors").is_file()  # reloadable by `llm-modules eval`
