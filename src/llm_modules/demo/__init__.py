@@ -41,9 +41,9 @@ class DemoSettings:
 def default_settings(quick: bool, seed: int) -> DemoSettings:
     if quick:
         return DemoSettings(
-            people_a=60, people_b=20, eval_people_a=20,
-            source=SourceOptions(rounds=60),
-            task=S.TaskOptions(epochs=20, seed=seed),
+            people_a=48, people_b=16, eval_people_a=16,
+            source=SourceOptions(),
+            task=S.TaskOptions(epochs=60, seed=seed),
             systems=("small_only", "teacher_native", "teacher_new_format", "combined"),
         )
     return DemoSettings(people_a=150, people_b=50, eval_people_a=30, source=SourceOptions(), task=S.TaskOptions(seed=seed))
