@@ -19,3 +19,11 @@ def test_readme_python_example_runs(tiny_pair, tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "my-combined-model" / "model.safetensors").is_file()
     assert namespace["loss"].item() > 0
+
+
+def test_quickstart_runs_the_demo_and_ci_runs_the_readme_test_command():
+    quickstart = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    main_job, test_command = re.findall(r"```bash\n(.*?)\n```", quickstart, re.S)
+    assert main_job == "pip install -e . && llm-modules demo"
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert test_command in ci

@@ -75,7 +75,7 @@ def plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
         axes = source_axes if name == "knowledge_source" else task_axes
         axes.plot(*zip(*points), label=name)
     source_axes.set_title("knowledge source pretraining")
-    source_axes.set_xlabel("epoch (one pass over all rounds of biographies)")
+    source_axes.set_xlabel("round (one pass over the world)")
     task_axes.set_title("task training on split A")
     task_axes.set_xlabel("epoch")
     for axes in (source_axes, task_axes):
