@@ -102,6 +102,14 @@ def test_biographies_name_the_person_first_and_use_they_later():
     assert any(" They " in bio or " Their " in bio for bio in bios)
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("keep me")
+    assert main(["demo", "--quick", "--output-dir", str(target)]) == 1
+    assert f"--output-dir {target} is a file" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
 @pytest.mark.slow
 def test_quick_demo_transfers_knowledge(tmp_path, capsys):
     out = tmp_path / "demo"

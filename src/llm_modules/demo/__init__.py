@@ -84,11 +84,16 @@ def native_row(model, tokenizer, world: World, eval_a, predictions_path: Path) -
 def run_demo(output_dir: str | Path = "llm-modules-demo", seed: int = 0, quick: bool = False,
              settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the whole experiment and write results.json, results.md and the plots to `output_dir`; return the results."""
-    started = time.perf_counter()
     output_dir = Path(output_dir)
-    settings = settings or default_settings(quick, seed)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file, expected a directory (or a new path)")
+    with tempfile.TemporaryDirectory(prefix="llm-modules-demo-") as scratch:  # the Trainers' scratch space
+        return _run(output_dir, seed, quick, settings or default_settings(quick, seed), Path(scratch))
+
+
+def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
     models_dir, data_dir = output_dir / "models", output_dir / "data"
-    work_dir = Path(tempfile.mkdtemp(prefix="llm-modules-demo-"))  # Trainer scratch space, never kept
     phases = tqdm(total=3 + len(settings.systems), desc="demo", unit="phase")
 
     phases.set_postfix_str("world and tokenizer")
