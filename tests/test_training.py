@@ -257,3 +257,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_pair, d
     assert "trained 3 steps" in single.stdout and "trained 3 steps" in double.stdout
     for name in one:
         torch.testing.assert_close(two[name], one[name], msg=name)
+
+
+def test_a_plain_transformers_trainer_accumulates_like_one_big_batch(tiny_pair, tmp_path):
+    """Users who bring their own `transformers.Trainer` get exact accumulation from the model's own loss."""
+    from transformers import Trainer, TrainingArguments
+
+    from llm_modules.data import DataCollatorForLLMModules
+
+    weights = []
+    for batch_size, grad_accum in ((2, 1), (1, 2)):
+        model = compose(tiny_pair, dropout=0.0)
+        train_set, _ = data(model)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"{batch_size}x{grad_accum}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum, max_steps=3, learning_rate=3e-3, save_strategy="no",
+            report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
+        )
+        collator = DataCollatorForLLMModules(model.tokenizer.pad_token_id)
+        Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator).train()
+        weights.append(model.trained_state_dict())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], msg=name)

@@ -265,6 +265,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         large_hidden_states: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -277,6 +278,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             `[batch, seq, vocab]` tensor over the large vocabulary.
         logits_to_keep: compute logits for the last N positions only (0 = all), as `generate` asks for.
         large_hidden_states: precomputed last hidden states of the frozen model (the feature cache); skips it.
+        num_items_in_batch: labelled tokens in the whole accumulated batch, as `transformers.Trainer` passes it: the
+            loss is then this batch's summed cross-entropy over that count, so accumulation equals one big batch.
         """
         if input_ids is None and large_hidden_states is None:
             raise ValueError("Pass input_ids (or large_hidden_states from the feature cache).")
@@ -329,21 +332,26 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         loss = None
         logits = None
         if labels is not None:
-            loss = self.loss_from_hidden(hidden, labels)
+            loss = self.loss_from_hidden(hidden, labels, num_items_in_batch)
         if labels is None or not self.training:
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(kept)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
-    def loss_from_hidden(self, hidden: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-        """Mean next-token cross-entropy, running the new head only where a label is set."""
+    def loss_from_hidden(
+        self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token cross-entropy, running the new head only where a label is set: the mean over this batch's
+        labelled tokens, or their sum over `num_items_in_batch` when given."""
         targets = labels[:, 1:].to(hidden.device)
         keep = targets != -100
         if not bool(keep.any()):
             # No labelled token: a zero that still depends on the parameters, so DDP and AMP see a graph.
             return hidden.sum() * 0.0
         logits = self.lm_head(hidden[:, :-1][keep]).float()
-        return F.cross_entropy(logits, targets[keep])
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits, targets[keep])
+        return F.cross_entropy(logits, targets[keep], reduction="sum") / num_items_in_batch
 
     # ---- generation -----------------------------------------------------------------------------------------
 

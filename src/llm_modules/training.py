@@ -9,8 +9,8 @@ What we add to the Trainer, and why:
 - checkpoints hold only the trained weights (the model's `save_pretrained`), load back strictly, and count as
   complete only once a marker file is written last, so a crash mid-save never leaves a checkpoint we resume from;
 - a step whose loss is not finite is skipped (its gradients are dropped) and counted; 10 in a row stop the run;
-- the loss is turned into each micro-batch's share of the token-weighted mean over the accumulated, global batch,
-  so gradient accumulation and data parallelism give the same update as one big batch.
+- the model's loss takes the Trainer's `num_items_in_batch` (labelled tokens of the accumulated, global batch), so
+  gradient accumulation and data parallelism give the same update as one big batch; a plain `Trainer` gets the same.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .data import DEFAULT_DATASET, IGNORE_INDEX, DataCollatorForLLMModules, DataReport, load_rows, prepare_datasets
+from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, load_rows, prepare_datasets
 from .modeling import WEIGHTS_NAME, LLMModulesForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class LLMModulesTrainer(Trainer):
         self.skipped_nonfinite_steps = 0
         self._nonfinite_in_row = 0
         self._nonfinite_in_step = torch.zeros((), dtype=torch.bool)
-        # Our compute_loss returns each micro-batch's share of the whole batch's token mean (see there).
+        # The model's loss honours `num_items_in_batch`, so the Trainer's accumulation and DDP scaling are exact.
         self.model_accepts_loss_kwargs = True
         self.add_callback(_StepGuard(self))
 
@@ -217,17 +217,7 @@ class LLMModulesTrainer(Trainer):
         if not model.training:
             # Evaluation needs the loss only: the model still computes logits in eval mode, keep them to one position.
             inputs = {**inputs, "logits_to_keep": 1}
-        outputs = model(**inputs)
-        loss = outputs.loss
-        if num_items_in_batch is not None and model.training:
-            # The model returns the mean over this micro-batch's labelled tokens. The Trainer wants this micro-batch's
-            # share of the mean over all labelled tokens of the accumulated batch (on all processes), so that
-            # accumulation and DDP give the same update as one big batch.
-            labelled = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
-            loss = loss * labelled / num_items_in_batch
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
-        return (loss, outputs) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # -- non-finite losses --
 
