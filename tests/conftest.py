@@ -21,6 +21,16 @@ CORPUS = [
 ] + ["Größe, café, naïve — 数学 and émoji 🙂 %d" % i for i in range(20)]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the duration of a test. The machine's cores are shared: more threads than free cores make
+    tiny models many times slower (the demo test keeps its threads: it trains for minutes, not steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Local dirs of tiny pretrained-like models: two large/small pairs whose tokenizers differ in size."""

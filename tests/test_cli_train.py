@@ -22,12 +22,7 @@ UNICODE_ROW = {
 BAD_ROWS = [{"conversations": []}, {"conversations": [{"from": "narrator", "value": "once upon a time"}]}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

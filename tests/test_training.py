@@ -43,13 +43,7 @@ def stratos_rows(n: int = 24) -> list[dict]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine's cores are shared: more threads than free cores make tiny models many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from ..data import DataCollatorForLLMModules
+from ..evaluation import generate_texts
 from ..tiny_models import train_tokenizer
 from .world import ATTRIBUTES, World, biography, native_line, native_prompt, pronoun_statement, statement, tokenizer_corpus
 
@@ -129,8 +130,6 @@ def pretrain_source(
 
 def native_answers(model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64) -> list[tuple[str, tuple[str, str]]]:
     """(generated answer, its two correct wordings) for every fact of `people`, asked in the source's own QA format."""
-    from ..evaluation import generate_texts
-
     facts = [(person, attribute) for person in people for attribute in ATTRIBUTES]
     prompts = [" " + native_prompt(person, attribute) for person, attribute in facts]  # as in pretraining
     outputs = generate_texts(
