@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from llm_modules import LLMModulesForCausalLM, cli
+from llm_modules import LLMModulesForCausalLM
+from llm_modules.cli import generate as cli_generate
 from llm_modules.cli import main
 
 from test_training import stratos_rows
@@ -120,13 +121,13 @@ def test_generate_errors(trained_dir, tiny_pair, tmp_path, capsys):
 
 def test_chat_keeps_history_resets_and_exits(trained_dir, monkeypatch, capsys):
     prompts = []
-    generate_reply = cli.generate_reply
+    generate_reply = cli_generate.generate_reply
 
     def recording(model, text, args, stream):
         prompts.append(text)
         return generate_reply(model, text, args, stream)
 
-    monkeypatch.setattr(cli, "generate_reply", recording)
+    monkeypatch.setattr(cli_generate, "generate_reply", recording)
     monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n/reset\nthird question\n/exit\nnever read\n"))
     assert main(["chat", "--model", str(trained_dir), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr().out

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -576,3 +576,8 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype == "auto":
         return None
     return getattr(torch, dtype)
+
+
+# `AutoModelForCausalLM.from_pretrained(dir)` then works on saved combined models too.
+AutoConfig.register(LLMModulesConfig.model_type, LLMModulesConfig, exist_ok=True)
+AutoModelForCausalLM.register(LLMModulesConfig, LLMModulesForCausalLM, exist_ok=True)

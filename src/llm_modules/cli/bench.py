@@ -1,0 +1,89 @@
+"""`llm-modules bench decode|train`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import UsageError, int_at_least
+
+
+def add_bench(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="speed and memory at real size (random weights): decoding and the training step",
+        description="Benchmarks measured side by side in one run, printed as tables (README, Performance). With no "
+        "--config: the paper's pair, Qwen2-1.5B + GPT-Neo-125M, built from its configs with random weights.",
+    )
+    kinds = parser.add_subparsers(dest="bench", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="an llm-modules config.json (or a dir holding one) instead of the real pair")
+    common.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    dtypes = ["auto", "float32", "bfloat16", "float16"]
+    common.add_argument(
+        "--dtype", choices=dtypes, default="auto", help="trained parts (auto: float32 on CPU, bfloat16 on GPU)"
+    )
+    common.add_argument("--large-dtype", choices=dtypes, help="the frozen large model (default: --dtype)")
+    common.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (README's numbers: 1)")
+    common.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time, which leaves out waiting for cores other programs "
+        "hold (for a shared CPU, with --threads 1)",
+    )
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+    decode = kinds.add_parser("decode", parents=[common], help="seconds per token: caches vs recompute vs floor")
+    decode.add_argument("--contexts", type=int_at_least(1), nargs="+", default=[64, 256, 512], help="prompt lengths")
+    decode.add_argument("--new-tokens", type=int_at_least(2), default=16, help="tokens per cached run")
+    decode.add_argument("--recompute-tokens", type=int_at_least(1), default=2, help="tokens per use_cache=False run")
+    decode.add_argument("--prefill-context", type=int_at_least(1), default=512)
+    decode.add_argument("--prefill-repeats", type=int_at_least(1), default=2)
+    decode.add_argument("--batch-sizes", type=int_at_least(1), nargs="+", default=[1, 4, 16], help="prompts per run")
+    decode.add_argument("--batch-context", type=int_at_least(1), default=16, help="prompt length of the batched runs")
+    decode.set_defaults(handler=run_bench)
+
+    train = kinds.add_parser("train", parents=[common], help="training step with and without the feature cache")
+    # A label needs a token before it: sequences of at least 2.
+    train.add_argument("--seq-lens", type=int_at_least(2), nargs="+", default=[256, 1024])
+    train.add_argument("--batch-size", type=int_at_least(1), default=1)
+    train.add_argument("--steps", type=int_at_least(1), default=1, help="measured steps per setting (fastest is kept)")
+    train.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import benchmarking
+    from .configuration import LLMModulesConfig
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA GPU is available here")
+    if args.clock == "cpu" and not args.device.startswith("cpu"):
+        raise UsageError(f"--clock cpu measures CPU work only; time --device {args.device} with --clock wall")
+    config = None
+    if args.config:
+        path = Path(args.config)
+        if not (path / "config.json" if path.is_dir() else path).is_file():
+            raise UsageError(f"--config {path}: no config.json there")
+        config = LLMModulesConfig.from_pretrained(path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = dict(
+        device=args.device, dtype=args.dtype, large_dtype=args.large_dtype, seed=args.seed, clock=args.clock
+    )
+    if args.bench == "decode":
+        result = benchmarking.bench_decode(
+            config, contexts=args.contexts, new_tokens=args.new_tokens, recompute_tokens=args.recompute_tokens,
+            prefill_context=args.prefill_context, prefill_repeats=args.prefill_repeats, batch_sizes=args.batch_sizes,
+            batch_context=args.batch_context, **options,
+        )
+        print(benchmarking.format_decode(result))
+    else:
+        result = benchmarking.bench_train(
+            config, seq_lens=args.seq_lens, batch_size=args.batch_size, steps=args.steps, **options
+        )
+        print(benchmarking.format_train(result))
+    if args.json:
+        benchmarking.write_json(result, args.json)
+        print(f"wrote {args.json}")
