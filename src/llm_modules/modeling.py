@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import LLMModulesConfig
+from .sources import ModelSourceError, load_base_model, load_config, load_tokenizer, resolve_model_source
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -379,7 +380,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         trust_remote_code: bool = False,
         **config_overrides: Any,
     ) -> "LLMModulesForCausalLM":
-        """Compose a combined model from two pretrained causal LMs (hub ids or local dirs).
+        """Compose a combined model from two pretrained causal LMs (hub ids, local dirs or .gguf files).
 
         The large model's base transformer is loaded frozen (its LM head is never loaded); the small model's base
         transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` applies to
@@ -390,17 +391,20 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         """
         dtype = config_overrides.pop("torch_dtype", dtype)  # the transformers 4.x name, still common in scripts
         large_dtype = large_dtype if large_dtype is not None else dtype
-        large = AutoModel.from_pretrained(
-            large_model_name_or_path, dtype=large_dtype, device_map=device_map, quantization_config=quantization_config,
+        # Local paths are recorded absolute, so the saved model reloads from any working directory.
+        large_source = resolve_model_source(large_model_name_or_path, "large model")
+        small_source = resolve_model_source(small_model_name_or_path, "small model")
+        large = load_base_model(
+            large_source, dtype=large_dtype, device_map=device_map, quantization_config=quantization_config,
             trust_remote_code=trust_remote_code,
         )
-        tokenizer = AutoTokenizer.from_pretrained(large_model_name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(large_source, trust_remote_code=trust_remote_code)
         if config_overrides.get("small_init", "pretrained") == "pretrained":
-            small = AutoModel.from_pretrained(small_model_name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+            small = load_base_model(small_source, dtype=dtype, trust_remote_code=trust_remote_code)
             small_config = small.config
         else:
             small = None
-            small_config = AutoConfig.from_pretrained(small_model_name_or_path, trust_remote_code=trust_remote_code)
+            small_config = load_config(small_source, trust_remote_code=trust_remote_code)
         special = {
             "vocab_size": max(len(tokenizer), large.config.vocab_size),
             "bos_token_id": tokenizer.bos_token_id,
@@ -410,8 +414,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         config = LLMModulesConfig(
             large_config=large.config,
             small_config=small_config,
-            large_model_name_or_path=str(large_model_name_or_path),
-            small_model_name_or_path=str(small_model_name_or_path),
+            large_model_name_or_path=large_source,
+            small_model_name_or_path=small_source,
             **{**special, **config_overrides},
         )
         model = cls(config, large_model=large, small_model=small)
@@ -494,8 +498,10 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         `large_model_name_or_path` points at the frozen model when it moved since saving; `quantization_config`
         loads it quantized, as in `from_large_and_small`.
         """
-        directory = Path(pretrained_model_name_or_path)
-        if not (directory / "config.json").is_file():
+        directory = Path(resolve_model_source(pretrained_model_name_or_path, "combined model"))
+        if not directory.is_dir():
+            if directory.is_file():
+                raise ModelSourceError(f"{directory}: a single file, not a saved llm-modules model dir")
             from huggingface_hub import snapshot_download
 
             directory = Path(snapshot_download(str(pretrained_model_name_or_path), **kwargs))
@@ -503,20 +509,26 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         if json.loads(config_path.read_text()).get("model_type") != LLMModulesConfig.model_type:
             raise ValueError(f"{config_path} is not an llm-modules model (model_type is not 'llm_modules')")
         config = LLMModulesConfig.from_pretrained(directory)
-        large_source = large_model_name_or_path or config.large_model_name_or_path
+        if large_model_name_or_path is not None:
+            large_source, what = large_model_name_or_path, "large_model_name_or_path"
+        else:
+            large_source, what = config.large_model_name_or_path, f"large_model_name_or_path (recorded in {config_path})"
+        hint = ("point at where it is now with LLMModulesForCausalLM.from_pretrained(dir, large_model_name_or_path=...) "
+                "(CLI: --large-model PATH)")
         try:
-            large = AutoModel.from_pretrained(
+            # A recorded path that is gone fails here, without asking the hub for it.
+            large_source = resolve_model_source(large_source, what)
+        except ModelSourceError as error:
+            raise ModelSourceError(f"{error}; {hint}") from None
+        try:
+            large = load_base_model(
                 large_source, dtype=_as_dtype(large_dtype if large_dtype is not None else dtype),
                 device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
             )
         except (OSError, ValueError) as error:
-            raise OSError(
-                f"cannot load the frozen large model {large_source!r} recorded in {config_path}: {error}\n"
-                "Point at it with LLMModulesForCausalLM.from_pretrained(dir, large_model_name_or_path=...) "
-                "(CLI: --large-model PATH)."
-            ) from error
+            raise ModelSourceError(f"cannot load {what} {large_source!r}: {error}; {hint}") from error
         if large_model_name_or_path is not None:
-            config.large_model_name_or_path = str(large_model_name_or_path)
+            config.large_model_name_or_path = large_source
         model = cls(config, large_model=large)
         model.load_trained_weights(directory / WEIGHTS_NAME)
         device = next(large.parameters()).device

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # Suffixes that only a file name has (a hub id never ends in them).
 FILE_SUFFIXES = (".gguf", ".json", ".jsonl", ".parquet", ".safetensors", ".bin", ".yaml", ".yml")
@@ -54,3 +58,118 @@ def resolve_model_source(name: str | os.PathLike, what: str = "model") -> str:
     elif path.suffix.lower() != ".gguf":
         raise ModelSourceError(f"{what} {text}: not a model (expected a model directory, a .gguf file or a hub id)")
     return str(path.resolve())
+
+
+# ---- GGUF files as sources ---------------------------------------------------------------------------------------
+
+GGUF_EXTRA = "pip install 'llm-modules[gguf]'"
+
+
+def is_gguf(source: str | os.PathLike) -> bool:
+    return str(source).lower().endswith(".gguf")
+
+
+def check_gguf_file(path: str | os.PathLike) -> str:
+    """Check that `path` is a whole GGUF file of an architecture transformers can read; return that architecture.
+
+    Raises `ImportError` when the `gguf` package is missing (naming the extra to install) and `ModelSourceError` for
+    a file that is not GGUF, is truncated or corrupt, or holds an architecture transformers' GGUF reader lacks.
+    Only headers are parsed (the tensors are memory-mapped, not read), so this takes well under a second.
+    """
+    path = Path(path)
+    try:
+        from gguf import GGUFReader
+    except ImportError as error:
+        raise ImportError(f"reading {path} needs the gguf package: {GGUF_EXTRA}") from error
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelSourceError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, IndexError, KeyError) as error:  # the reader's words for a short or damaged file
+        size = path.stat().st_size
+        raise ModelSourceError(f"{path}: truncated or corrupt GGUF file ({size:,} bytes; {error})") from None
+    readable = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})
+    if architecture not in readable:
+        import transformers
+
+        raise ModelSourceError(
+            f"{path}: architecture {architecture!r} cannot be read from GGUF by transformers {transformers.__version__} "
+            f"(it reads: {', '.join(readable)})"
+        )
+    return architecture
+
+
+def pretrained_kwargs(source: str) -> tuple[str, dict]:
+    """(what to pass to `from_pretrained`, extra keyword arguments): a .gguf file becomes its folder + `gguf_file`."""
+    if is_gguf(source):
+        check_gguf_file(source)
+        path = Path(source)
+        return str(path.parent), {"gguf_file": path.name}
+    return source, {}
+
+
+def load_base_model(source: str, *, trust_remote_code: bool = False, **kwargs: Any) -> PreTrainedModel:
+    """The base transformer (no LM head) of a model dir, hub id or .gguf file (`resolve_model_source` first).
+
+    A GGUF file is dequantised tensor by tensor straight into `dtype` by transformers' GGUF reader, so
+    `dtype=torch.bfloat16` never holds a float32 copy of the whole model (only of the tensor being converted).
+    `kwargs` go to `AutoModel.from_pretrained` (dtype, device_map, quantization_config).
+    """
+    from transformers import AutoModel
+
+    name, extra = pretrained_kwargs(source)
+    if extra and kwargs.get("quantization_config") is not None:
+        raise ValueError(f"{source}: a GGUF source is dequantised on load; quantization_config cannot be combined with it")
+    model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, **extra, **kwargs)
+    return plain_weights(model) if extra else model
+
+
+def load_causal_lm(source: str, *, trust_remote_code: bool = False, **kwargs: Any) -> PreTrainedModel:
+    """Like `load_base_model`, with the LM head (`AutoModelForCausalLM`)."""
+    from transformers import AutoModelForCausalLM
+
+    name, extra = pretrained_kwargs(source)
+    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **extra, **kwargs)
+    return plain_weights(model) if extra else model
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model dir, hub id or .gguf file (a GGUF file holds its tokenizer and chat template)."""
+    from transformers import AutoTokenizer
+
+    name, extra = pretrained_kwargs(source)
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+
+
+def load_config(source: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of a model dir, hub id or .gguf file."""
+    from transformers import AutoConfig
+
+    name, extra = pretrained_kwargs(source)
+    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+
+
+def plain_weights(model: PreTrainedModel) -> PreTrainedModel:
+    """Forget that a model came from GGUF once its weights are plain tensors.
+
+    transformers' legacy GGUF path dequantises every tensor but keeps its GGUF quantizer on the model and
+    `quantization_config` on the config, so `save_pretrained` refuses ("quantized with gguf and is not
+    serializable") and a composite config would carry the GGUF settings into every saved combined model. The
+    legacy path leaves no packed tensors behind (checked here), so both are dropped.
+    """
+    import torch
+
+    packed = [name for name, p in model.named_parameters() if p.dtype in (torch.uint8, torch.int8)]
+    if packed:  # transformers' newer packed path keeps GGUF blocks; those are not plain weights
+        raise ValueError(f"GGUF weights were kept packed ({packed[0]}, ...); load with dtype float32 or bfloat16")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for config in (model.config, *(getattr(model.config, k, None) for k in getattr(model.config, "sub_configs", {}))):
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+    return model
