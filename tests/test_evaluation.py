@@ -120,6 +120,21 @@ def test_evaluate_answers_scores_extracted_solutions(tiny_dirs):
     assert result.predictions[0]["output"].endswith("<|end_of_solution|>")  # cut after the stop string
 
 
+def test_generated_texts_drop_control_tokens_only():
+    """The answer text keeps the Stratos markers and other additional tokens, and drops EOS, padding and the chat
+    template's turn markers (llm_modules.generation.decode_answer, as generate, chat and the server)."""
+    from conftest import CORPUS
+
+    from llm_modules.tiny_models import train_tokenizer
+
+    tokenizer = train_tokenizer(CORPUS, vocab_size=320, extra_tokens=["<|im_start|>", "<|im_end|>", "<|tool|>"])
+    tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+    answer = "<|begin_of_solution|> 2 <|end_of_solution|>"
+    continuations = {"one": f"{answer}<|im_end|><|endoftext|>", "two": f"<|tool|>{answer}"}  # "two" gets padded
+    texts = generate_texts(ScriptedModel(tokenizer, continuations), tokenizer, ["one", "two"], stop_strings=None)
+    assert texts == [answer, f"<|tool|>{answer}"]
+
+
 @pytest.mark.parametrize("kind", ["plain", "combined"])
 def test_batched_left_padded_generation_equals_one_by_one(kind, tiny_dirs, tiny_model):
     if kind == "plain":

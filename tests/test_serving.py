@@ -21,6 +21,7 @@ import torch
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
 from llm_modules.data import STOP_STRINGS, render_prompt
+from llm_modules.generation import control_token_ids, decode_answer
 
 pytestmark = pytest.mark.slow  # a server process
 
@@ -48,12 +49,18 @@ def local_model(model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+def server_log(tmp_path_factory) -> Path:
+    """What the server process writes (stdout and stderr)."""
+    return tmp_path_factory.mktemp("server") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, server_log):
     """Base URL of `llm-modules serve` on a free loopback port; the process ends with the module."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
+    log = open(server_log, "w+")
     command = [
         sys.executable, "-m", "llm_modules.cli", "serve", "--model", str(model_dir), "--port", str(port),
         "--api-key", KEY, "--max-concurrency", str(CONCURRENCY), "--max-new-tokens-limit", str(LIMIT),
@@ -91,7 +98,8 @@ def greedy(local_model, text: str, max_new_tokens: int) -> tuple[str, int, int]:
     )
     prompt_length = inputs["input_ids"].shape[1]
     new_tokens = output.shape[1] - prompt_length
-    return tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True), prompt_length, new_tokens
+    text = decode_answer(tokenizer, output[0, prompt_length:], control_token_ids(tokenizer, local_model))
+    return text, prompt_length, new_tokens
 
 
 def test_models_health_and_api_key(server, client):
@@ -184,7 +192,17 @@ def too_long_prompt(local_model, tokens: int) -> str:
         ("chat/completions", {"model": "gpt-4o", "messages": HI}, 404, "model"),
         ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens"),
         ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": LIMIT + 1}, 400, "max_tokens"),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "4", "tool_call_id": "a"}]},
+         400, "messages.0.role"),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
+        ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+         400, "messages.0.content"),
+        ("chat/completions", {"model": MODEL, "messages": HI, "tools": [{"type": "function"}]}, 400, "tools"),
         ("completions", {"model": MODEL, "prompt": 42}, 400, "prompt"),
+        ("completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
+        ("completions", {"model": MODEL, "prompt": [[1, 2], ["a"]]}, 400, "prompt"),
+        ("completions", {"model": MODEL, "prompt": [1, 10**6]}, 400, "prompt"),  # not in the vocabulary
+        ("completions", {"model": MODEL, "prompt": [[1], [-1]]}, 400, "prompt"),
         ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
         ("completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ("models/none", None, 404, "model"),
@@ -271,11 +289,6 @@ def test_health_answers_during_a_long_generation_and_a_closed_stream_stops_it(se
     assert health() == {"status": "ok", "model": MODEL, "generating": 0, "queued": 0}
 
 
-def test_serve_command_rejects_a_dir_without_a_model(tmp_path, capsys):
-    assert main(["serve", "--model", str(tmp_path)]) == 2
-    assert "no config.json" in capsys.readouterr().err
-
-
 def test_a_plain_hugging_face_model_with_a_chat_template(tiny_dirs):
     """In process: the app serves any causal LM dir, laying chats out with the tokenizer's chat template."""
     from fastapi.testclient import TestClient
@@ -317,3 +330,113 @@ def test_readme_serving_examples_run(server, capsys):
     assert result.returncode == 0, result.stderr
     assert '"object":"chat.completion"' in result.stdout and "data: [DONE]" in result.stdout
     assert '"status":"ok"' in result.stdout
+
+
+def test_completion_prompt_forms(client, local_model):
+    """A string, several strings (a choice each, in order), token ids, or several lists of token ids."""
+    tokenizer = local_model.tokenizer
+    texts = ["the cat sat", "dog number 3"]
+    expected = [greedy(local_model, text, 4)[0] for text in texts]
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    greedy_4 = dict(model=MODEL, max_tokens=4, temperature=0)
+    for prompt in (texts, ids):
+        reply = client.completions.create(prompt=prompt, **greedy_4)
+        assert [(c.index, c.text) for c in reply.choices] == list(enumerate(expected))
+        assert reply.usage.prompt_tokens == sum(map(len, ids))
+    assert client.completions.create(prompt=ids[1], **greedy_4).choices[0].text == expected[1]
+    streamed = ["", ""]
+    for chunk in client.completions.create(prompt=texts, stream=True, **greedy_4):
+        streamed[chunk.choices[0].index] += chunk.choices[0].text
+    assert streamed == expected
+
+
+def test_chat_message_forms(client, local_model):
+    """Text parts, a `name`, and an assistant message without content."""
+    messages = [
+        {"role": "user", "content": "hi", "name": "ann"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": "what is "}, {"type": "text", "text": "2 plus 3?"}]},
+    ]
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""},
+             {"role": "user", "content": "what is 2 plus 3?"}]
+    expected, prompt_tokens, _ = greedy(local_model, render_prompt(plain), 4)
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    assert (reply.choices[0].message.content, reply.usage.prompt_tokens) == (expected, prompt_tokens)
+
+
+def new_log_lines(server_log: Path, seen: int, count: int) -> list[str]:
+    """The request lines the server logged after the first `seen` characters, once there are `count` of them: a line
+    is written once its response has been sent, so it may come a moment after the client has the answer."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for line in server_log.read_text()[seen:].splitlines() if "_tokens=" in line]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+
+
+def test_one_log_line_per_request(client, server, server_log):
+    seen = len(server_log.read_text())
+    reply = client.completions.create(model=MODEL, prompt="the cat sat", max_tokens=3, temperature=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=2, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="the cat sat", max_tokens=0)
+    httpx.get(f"{server}/health")
+    lines = new_log_lines(server_log, seen, 4)
+    usage = chunks[-1].usage
+    patterns = [
+        rf"POST /v1/completions 200 prompt_tokens={reply.usage.prompt_tokens} completion_tokens=3 \d+\.\d\ds",
+        rf"POST /v1/chat/completions 200 prompt_tokens={usage.prompt_tokens} completion_tokens=2 \d+\.\d\ds",
+        r"POST /v1/completions 400 prompt_tokens=\d+ completion_tokens=- \d+\.\d\ds",
+        r"GET /health 200 prompt_tokens=- completion_tokens=- \d+\.\d\ds",
+    ]
+    assert len(lines) == 4, lines  # uvicorn's access log is off: one line each
+    for line, pattern in zip(lines, patterns):
+        assert re.search(pattern + "$", line), (line, pattern)
+
+
+def test_a_non_streaming_request_stops_when_its_client_is_gone(server, server_log):
+    seen = len(server_log.read_text())
+    body = {"model": MODEL, "prompt": "the lazy dog", "max_tokens": LIMIT, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after a second and closes the connection
+        httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1)
+    gone = time.monotonic()
+    while httpx.get(f"{server}/health").json()["generating"] and time.monotonic() < gone + 10:
+        time.sleep(0.02)
+    assert time.monotonic() - gone < 2
+    [line] = new_log_lines(server_log, seen, 1)[:1]
+    made = int(re.search(r"POST /v1/completions 499 prompt_tokens=\d+ completion_tokens=(\d+) ", line).group(1))
+    assert 0 < made < LIMIT  # it had started, and it stopped well before its budget
+
+
+def test_answer_markers_stay_in_served_text(tiny_pair, one_thread):
+    """In process, a model that answers <|end_of_solution|> (a special token of its tokenizer): the server keeps it,
+    streamed or not."""
+    from fastapi.testclient import TestClient
+    from test_cli_generate import always_answer
+
+    from llm_modules.serving import ModelServer, create_app
+
+    torch.manual_seed(0)
+    model = always_answer(LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4), "<|end_of_solution|>")
+    server = ModelServer(model, model.tokenizer, "m", max_concurrency=1, max_new_tokens_limit=8)
+    chat = {"model": "m", "messages": HI, "max_tokens": 8, "temperature": 0}
+    completion = {"model": "m", "prompt": "the cat", "max_tokens": 8, "temperature": 0}
+    with TestClient(create_app(server)) as http:
+        reply = http.post("/v1/chat/completions", json=chat).json()["choices"][0]
+        assert (reply["message"]["content"], reply["finish_reason"]) == (STOP_STRINGS[0], "stop")
+        assert http.post("/v1/completions", json=completion).json()["choices"][0]["text"] == STOP_STRINGS[0]
+        for path, body, key in (("chat/completions", chat, "delta"), ("completions", completion, None)):
+            events = http.post(f"/v1/{path}", json={**body, "stream": True}).text.split("\n\n")
+            chunks = [json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")]
+            pieces = [c["choices"][0][key].get("content") if key else c["choices"][0]["text"] for c in chunks]
+            assert "".join(p or "" for p in pieces) == STOP_STRINGS[0]
+
+
+def test_serve_quiet_turns_the_request_log_off(model_dir, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: seen.update(kwargs))
+    assert main(["serve", "--model", str(model_dir), "--quiet"]) == 0
+    assert seen["log_config"]["loggers"]["llm_modules.serving"]["level"] == "WARNING"
+    assert seen["access_log"] is False and seen["log_level"] == "warning"

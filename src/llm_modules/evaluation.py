@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .data import IGNORE_INDEX, STOP_STRINGS, DataCollatorForLLMModules, conversation_turns, render_prompt
+from .generation import control_token_ids, decode_answer
 from .modeling import LLMModulesForCausalLM
 
 BEGIN_THOUGHT, END_THOUGHT = "<|begin_of_thought|>", "<|end_of_thought|>"
@@ -126,11 +127,13 @@ def generate_texts(
     model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
     stop_strings: Sequence[str] | None = tuple(STOP_STRINGS), desc: str = "generating",
 ) -> list[str]:
-    """Greedy continuations of `prompts` (left-padded batches), decoded with special tokens kept (the Stratos
-    markers may be special tokens), cut after the first stop string."""
+    """Greedy continuations of `prompts` (left-padded batches) as answer text (`decode_answer`: without control
+    tokens such as EOS and padding, with the Stratos markers even when they are special tokens), cut after the first
+    stop string."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    control_ids = control_token_ids(tokenizer, model)  # pad and EOS among them
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     texts: list[str] = []
@@ -144,12 +147,8 @@ def generate_texts(
                 stop_strings=list(stop_strings) if stop_strings else None, tokenizer=tokenizer,
             )
             for row in output[:, batch["input_ids"].shape[1] :]:
-                text = tokenizer.decode(row, skip_special_tokens=False)
-                if tokenizer.eos_token:
-                    text = text.split(tokenizer.eos_token)[0]
-                if tokenizer.pad_token:
-                    text = text.replace(tokenizer.pad_token, "")
-                texts.append(_cut_after_stop(text, stop_strings))
+                # A row that ended early is filled with pad_id (control tokens) after its EOS.
+                texts.append(_cut_after_stop(decode_answer(tokenizer, row, control_ids), stop_strings))
     finally:
         tokenizer.padding_side = side
     return texts

@@ -3,20 +3,23 @@
 `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: true` as server-sent
 events) and `GET /health`, on FastAPI + uvicorn. Requests are validated and tokenized on the event loop; `generate`
 runs in a pool of `max_concurrency` worker threads whose queue holds the requests beyond that, so the server keeps
-answering `/health` and streaming while it generates. A plain Hugging Face causal LM dir can be served as well.
+answering `/health` and streaming while it generates. A generation stops soon after its client is gone, streamed or
+not. One log line per request (logger `llm_modules.serving`). A plain Hugging Face causal LM dir can be served as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import logging
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,10 +28,11 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from transformers import (
-    AsyncTextIteratorStreamer,
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -44,9 +48,19 @@ from transformers import (
 
 from .configuration import LLMModulesConfig
 from .data import STOP_STRINGS, render_prompt
+from .generation import (
+    AsyncAnswerStreamer,
+    ContextLengthError,
+    check_generation_length,
+    context_length,
+    control_token_ids,
+    decode_answer,
+)
 from .modeling import LLMModulesForCausalLM, extend_causal_tables
 
 MAX_STOP_SEQUENCES = 4  # as the OpenAI API
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
+log = logging.getLogger(__name__)
 
 # ---- requests ---------------------------------------------------------------------------------------------------
 
@@ -56,17 +70,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+def one_of_forms(field: str, forms: str):
+    """A validator that answers a value matching none of a union's members with one message listing the `forms`
+    (pydantic would report only why the value is not the first member, e.g. "Input should be a valid string")."""
+
+    def check(cls, value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("form", f"expected {forms}") from None
+
+    return field_validator(field, mode="wrap")(check)
+
+
 class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]  # "developer" is the newer name of "system"
-    content: str | list[TextPart]
+    # "developer" is the newer name of "system"; "tool" and "function" are parsed only to be refused clearly.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None  # None: an assistant message with no content
+    name: str | None = None  # accepted, not shown to the model: the training layout has no names
+    _content_form = one_of_forms(
+        "content", 'a string, a list of text parts ({"type": "text", "text": ...}; no other kinds), or null'
+    )
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content)
 
 
 class StreamOptions(Strict):
@@ -80,7 +114,7 @@ class SamplingRequest(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
-    n: int | None = Field(None, ge=1, le=1)
+    n: int | None = None  # 1 only: refused with a 400 otherwise (see `check_request`)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
 
@@ -88,10 +122,14 @@ class SamplingRequest(Strict):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # newer clients send this instead of max_tokens
+    tools: list[Any] | None = None  # refused when not empty: no tool calling
+    functions: list[Any] | None = None  # the older name of tools
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str]
+    # The OpenAI forms: a text, several texts (one choice each), token ids, or several lists of token ids.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    _prompt_form = one_of_forms("prompt", "a string, a list of strings, a list of token ids or a list of lists of them")
 
 
 class APIError(Exception):
@@ -137,14 +175,25 @@ class SeededSampling(LogitsProcessor):
         return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)
 
 
-class Cancelled(StoppingCriteria):
-    """Stops generating once the client has gone (a closed stream)."""
+@dataclass
+class Job:
+    """One prompt's generation: what to generate, its cancel switch, and how many tokens it has made so far."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    prompt_ids: list[int]
+    sampling: Sampling
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    new_tokens: int = 0
+
+
+class WatchJob(StoppingCriteria):
+    """Stops generating once the job is cancelled (its client is gone); counts the tokens made so far."""
+
+    def __init__(self, job: Job):
+        self.job = job
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        self.job.new_tokens = input_ids.shape[1] - len(self.job.prompt_ids)
+        return torch.full((input_ids.shape[0],), self.job.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class StopScanner:
@@ -197,6 +246,7 @@ class ModelServer:
         self.system_prompt = system_prompt
         self.max_new_tokens_limit = max_new_tokens_limit
         self.context_length = context_length(model)
+        self.control_ids = control_token_ids(tokenizer, model)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="generate")
@@ -206,6 +256,13 @@ class ModelServer:
     # -- prompts and checks (event loop) --
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        for i, message in enumerate(messages):
+            if message.role in ("tool", "function"):
+                raise APIError(400, f"messages.{i}.role: {message.role!r} messages are not supported (this server "
+                               "has no tool or function calling)", f"messages.{i}.role")
+            if message.content is None and message.role != "assistant":
+                raise APIError(400, f"messages.{i}.content: only assistant messages may have no content",
+                               f"messages.{i}.content")
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         if self.combined or not self.tokenizer.chat_template:
             return self.tokenizer(render_prompt(turns, system=self.system_prompt))["input_ids"]
@@ -214,38 +271,52 @@ class ModelServer:
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
 
-    def completion_prompt(self, prompt: str | list[str]) -> list[int]:
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, f"prompt: one prompt per request (got a list of {len(prompt)})", "prompt")
-            prompt = prompt[0]
-        return self.tokenizer(prompt)["input_ids"]
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """The token ids of each prompt of a completion request; ids must be in the vocabulary."""
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer(prompt)["input_ids"]]
+        elif not prompt:
+            raise APIError(400, "prompt: an empty list", "prompt")
+        elif isinstance(prompt[0], str):
+            prompts = self.tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt[0], int):
+            prompts = [prompt]
+        else:
+            prompts = prompt
+        vocabulary = len(self.tokenizer)
+        for i, ids in enumerate(prompts):
+            where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            if not ids:
+                raise APIError(400, f"prompt: {where} has no tokens", "prompt")
+            if bad := [t for t in ids if not 0 <= t < vocabulary]:
+                raise APIError(400, f"prompt: token id {bad[0]} in {where} is not in the vocabulary "
+                               f"(0 to {vocabulary - 1})", "prompt")
+        return prompts
 
     def check_model(self, model: str) -> None:
         if model != self.name:
             raise APIError(404, f"The model {model!r} does not exist; this server serves {self.name!r}",
                            "model", "model_not_found")
 
-    def sampling(self, request: SamplingRequest, prompt_length: int, max_tokens: int | None) -> Sampling:
-        """The request's generation settings, checked against the context and the server's limits."""
-        room = self.context_length - prompt_length
-        if room < 1:
-            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, your "
-                           f"prompt is {prompt_length} tokens, which leaves no room for the completion.",
-                           "messages" if isinstance(request, ChatCompletionRequest) else "prompt",
-                           "context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = min(self.max_new_tokens_limit, room)
-        elif max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
-        elif max_tokens > self.max_new_tokens_limit:
-            raise APIError(400, f"max_tokens is {max_tokens}, but this server allows at most "
-                           f"{self.max_new_tokens_limit} (--max-new-tokens-limit)", "max_tokens")
-        elif max_tokens > room:
-            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, you "
-                           f"requested {prompt_length + max_tokens} tokens ({prompt_length} in the prompt, "
-                           f"{max_tokens} in the completion). Please reduce the prompt or the completion.",
-                           "max_tokens", "context_length_exceeded")
+    def sampling(self, request: SamplingRequest, prompt_length: int, max_tokens: int | None,
+                 option: str = "max_tokens") -> Sampling:
+        """The request's generation settings, checked against the context and the server's limits; `option` names
+        the field that `max_tokens` came from."""
+        if request.n not in (None, 1):
+            raise APIError(400, f"n: this server returns one choice per prompt, so n must be 1 (got {request.n})", "n")
+        if max_tokens is not None and max_tokens < 1:
+            raise APIError(400, f"{option} must be at least 1, got {max_tokens}", option)
+        if max_tokens is not None and max_tokens > self.max_new_tokens_limit:
+            raise APIError(400, f"{option} is {max_tokens}, but this server allows at most "
+                           f"{self.max_new_tokens_limit} (--max-new-tokens-limit)", option)
+        try:
+            max_tokens = check_generation_length(
+                self.model, prompt_length, max_tokens, up_to=self.max_new_tokens_limit, option=option
+            )
+        except ContextLengthError as error:
+            prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+            raise APIError(400, str(error), prompt_param if error.prompt_too_long else option,
+                           "context_length_exceeded") from error
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > MAX_STOP_SEQUENCES or not all(stop):
             raise APIError(400, f"stop: up to {MAX_STOP_SEQUENCES} non-empty strings (got {stop!r})", "stop")
@@ -259,10 +330,9 @@ class ModelServer:
 
     # -- generation (worker threads) --
 
-    def generate(
-        self, prompt_ids: list[int], sampling: Sampling, streamer=None, cancelled: threading.Event | None = None
-    ) -> list[int]:
-        """The new token ids for one prompt (blocking); `streamer` gets the text as it comes, `cancelled` stops it."""
+    def generate(self, job: Job, streamer=None) -> list[int]:
+        """The new token ids of one job (blocking); `streamer` gets the text as it comes; cancelling the job stops it."""
+        sampling = job.sampling
         processors = LogitsProcessorList()
         if sampling.temperature > 0:
             if sampling.temperature != 1:
@@ -272,20 +342,22 @@ class ModelServer:
             processors.append(SeededSampling(sampling.seed if sampling.seed is not None else secrets.randbits(63)))
         stops = self.stop_strings + sampling.stop
         config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False, stop_strings=stops or None)
-        inputs = torch.tensor([prompt_ids], device=self.model.device)
+        inputs = torch.tensor([job.prompt_ids], device=self.model.device)
         with torch.inference_mode():
             output = self.model.generate(
                 inputs,
                 attention_mask=torch.ones_like(inputs),
                 generation_config=config,
                 logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([Cancelled(cancelled or threading.Event())]),
+                stopping_criteria=StoppingCriteriaList([WatchJob(job)]),
                 tokenizer=self.tokenizer,
                 streamer=streamer,
             )
-        return output[0, len(prompt_ids):].tolist()
+        new_ids = output[0, len(job.prompt_ids):].tolist()
+        job.new_tokens = len(new_ids)
+        return new_ids
 
-    def submit(self, prompt_ids: list[int], sampling: Sampling, streamer=None, cancelled=None) -> asyncio.Future:
+    def submit(self, job: Job, streamer=None) -> asyncio.Future:
         """Queue `generate` on the worker pool; the future's result is the new token ids."""
 
         def run() -> list[int]:
@@ -293,7 +365,7 @@ class ModelServer:
                 self.queued -= 1
                 self.generating += 1
             try:
-                return self.generate(prompt_ids, sampling, streamer, cancelled)
+                return self.generate(job, streamer)
             finally:
                 with self._counts:
                     self.generating -= 1
@@ -317,29 +389,63 @@ class ModelServer:
         return "length" if len(new_ids) >= sampling.max_new_tokens and not stopped else "stop"
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode_answer(self.tokenizer, ids, self.control_ids)
 
-
-def context_length(model: PreTrainedModel) -> int:
-    """Most tokens (prompt + completion) a sequence may hold."""
-    config = model.config
-    if isinstance(config, LLMModulesConfig):
-        # With zeroed small-model positions only the large model limits the length (DESIGN.md).
-        configs = [config.large_config] + ([config.small_config] if config.small_position_embeddings == "keep" else [])
-    else:
-        configs = [config]
-    limits = [getattr(c, "max_position_embeddings", None) for c in configs]
-    if None in limits:
-        raise ValueError(f"cannot tell the context length of {type(model).__name__}: no max_position_embeddings")
-    return min(limits)
+    def streamer(self) -> AsyncAnswerStreamer:
+        """A streamer of the same text as `decode` (call on the event loop)."""
+        return AsyncAnswerStreamer(self.tokenizer, self.control_ids)
 
 
 # ---- the app ----------------------------------------------------------------------------------------------------
 
 
+class RequestLog:
+    """ASGI middleware: one log line per request once its response has ended (a stream included): method, path,
+    status, prompt and completion tokens (what the handler put in `request.state`; `-` when none) and seconds.
+    A client gone before the end is logged with status 499, as nginx does.
+
+    Plain ASGI because an `@app.middleware("http")` function returns when a stream starts, before its tokens are
+    known, and sees neither the disconnect nor the end of the body.
+    """
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, ended, gone = time.monotonic(), 500, False, False
+        state = scope.setdefault("state", {})  # what `request.state` reads and writes
+
+        async def receiving() -> dict:
+            nonlocal gone
+            message = await receive()
+            gone = gone or (message["type"] == "http.disconnect" and not ended)
+            return message
+
+        async def sending(message: dict) -> None:
+            nonlocal status, ended
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
+        try:
+            await self.app(scope, receiving, sending)
+        finally:
+            log.info(
+                "%s %s %d prompt_tokens=%s completion_tokens=%s %.2fs", scope["method"], scope["path"],
+                499 if gone else status, state.get("prompt_tokens", "-"), state.get("completion_tokens", "-"),
+                time.monotonic() - started,
+            )
+
+
 def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `server`; with `api_key`, the `/v1` routes need `Authorization: Bearer KEY`."""
+    """The FastAPI app serving `server`; with `api_key`, the `/v1` routes need `Authorization: Bearer KEY`.
+    Logs one line per request to the `llm_modules.serving` logger at INFO (`RequestLog`)."""
     app = FastAPI(title="llm-modules", description="OpenAI-compatible API")
+    app.add_middleware(RequestLog)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -385,17 +491,22 @@ def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
         return model_card()
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(request: ChatCompletionRequest):
-        server.check_model(request.model)
-        prompt_ids = await asyncio.to_thread(server.chat_prompt, request.messages)
-        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-        return await respond(server, request, prompt_ids, max_tokens, chat=True)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        server.check_model(body.model)
+        for name in ("tools", "functions"):
+            if getattr(body, name):
+                raise APIError(400, f"{name}: tool and function calling are not supported by this server", name)
+        prompt_ids = await asyncio.to_thread(server.chat_prompt, body.messages)
+        if body.max_completion_tokens is not None:
+            return await respond(server, request, body, [prompt_ids], body.max_completion_tokens,
+                                 "max_completion_tokens", chat=True)
+        return await respond(server, request, body, [prompt_ids], body.max_tokens, "max_tokens", chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: CompletionRequest):
-        server.check_model(request.model)
-        prompt_ids = await asyncio.to_thread(server.completion_prompt, request.prompt)
-        return await respond(server, request, prompt_ids, request.max_tokens, chat=False)
+    async def completions(body: CompletionRequest, request: Request):
+        server.check_model(body.model)
+        prompts = await asyncio.to_thread(server.completion_prompts, body.prompt)
+        return await respond(server, request, body, prompts, body.max_tokens, "max_tokens", chat=False)
 
     return app
 
@@ -418,37 +529,62 @@ def validation_error(error: RequestValidationError) -> APIError:
 
 
 async def respond(
-    server: ModelServer, request: SamplingRequest, prompt_ids: list[int], max_tokens: int | None, chat: bool
+    server: ModelServer, request: Request, body: SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+    option: str, chat: bool,
 ) -> dict[str, Any] | StreamingResponse:
-    """The completion of one checked request: a JSON body, or a stream of server-sent events."""
-    sampling = server.sampling(request, len(prompt_ids), max_tokens)
+    """The completion of one checked request, a choice per prompt: a JSON body, or a stream of server-sent events.
+    `option` names the field `max_tokens` came from."""
+    request.state.prompt_tokens = sum(len(ids) for ids in prompts)  # for the log line
+    jobs = [Job(ids, server.sampling(body, len(ids), max_tokens, option)) for ids in prompts]
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    if request.stream:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        events = stream_events(server, prompt_ids, sampling, completion_id, chat, include_usage)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = stream_events(server, request, jobs, completion_id, chat, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    cancelled = threading.Event()
+    futures = [server.submit(job) for job in jobs]
+    watcher = asyncio.create_task(cancel_when_gone(request, jobs))
     try:
-        new_ids = await server.submit(prompt_ids, sampling, cancelled=cancelled)
+        results = await asyncio.gather(*futures)
     finally:
-        cancelled.set()  # the client may have gone while we waited
-    scanner = StopScanner(sampling.stop)
-    raw = server.decode(new_ids)
-    text = scanner.feed(raw) + scanner.flush()
-    finish_reason = server.finish_reason(new_ids, raw, sampling, scanner)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+        watcher.cancel()
+        stop(jobs, futures)
+        request.state.completion_tokens = sum(job.new_tokens for job in jobs)
+    choices = []
+    for index, (job, new_ids) in enumerate(zip(jobs, results)):
+        scanner = StopScanner(job.sampling.stop)
+        raw = server.decode(new_ids)
+        text = scanner.feed(raw) + scanner.flush()
+        choice: dict[str, Any] = {"index": index, "finish_reason": server.finish_reason(new_ids, raw, job.sampling, scanner),
+                                  "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choices.append(choice)
     return {
         "id": completion_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": server.name,
-        "choices": [choice],
-        "usage": usage(len(prompt_ids), len(new_ids)),
+        "choices": choices,
+        "usage": usage(request.state.prompt_tokens, request.state.completion_tokens),
     }
+
+
+async def cancel_when_gone(request: Request, jobs: list[Job]) -> None:
+    """Cancel `jobs` once the client has disconnected. Neither uvicorn nor FastAPI cancels a handler whose client is
+    gone (only a stream notices, when it next writes), so a non-streaming request watches for it."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    for job in jobs:
+        job.cancelled.set()
+
+
+def stop(jobs: list[Job], futures: list[asyncio.Future]) -> None:
+    """Stop the jobs still generating and drop those still queued."""
+    for job, future in zip(jobs, futures):
+        job.cancelled.set()
+        future.cancel()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -457,9 +593,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 async def stream_events(
-    server: ModelServer, prompt_ids: list[int], sampling: Sampling, completion_id: str, chat: bool, include_usage: bool
+    server: ModelServer, request: Request, jobs: list[Job], completion_id: str, chat: bool, include_usage: bool
 ) -> AsyncIterator[str]:
-    """Server-sent events in the OpenAI chunk format, ending with `data: [DONE]`."""
+    """Server-sent events in the OpenAI chunk format, ending with `data: [DONE]`: the jobs generate at once (as the
+    pool allows), and their choices are streamed one after the other."""
     created = int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -467,36 +604,36 @@ async def stream_events(
                 "created": created, "model": server.name, "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    def piece(text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
+    def piece(index: int, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            return chunk([{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
-        return chunk([{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}])
+            return chunk([{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
+        return chunk([{"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}])
 
-    streamer = AsyncTextIteratorStreamer(server.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    cancelled = threading.Event()
-    future = server.submit(prompt_ids, sampling, streamer, cancelled)
-    # If generate() fails, the streamer never hears the end: close its queue when the worker is done either way.
-    future.add_done_callback(lambda _: streamer.text_queue.put_nowait(streamer.stop_signal))
-    scanner = StopScanner(sampling.stop)
+    streamers = [server.streamer() for _ in jobs]
+    futures = [server.submit(job, streamer) for job, streamer in zip(jobs, streamers)]
+    for streamer, future in zip(streamers, futures):
+        # If generate() fails, the streamer never hears the end: close its queue when the worker is done either way.
+        future.add_done_callback(lambda _, streamer=streamer: streamer.text_queue.put_nowait(streamer.stop_signal))
     try:
-        if chat:
-            yield piece(role=True)
-        async for text in streamer:
-            text = scanner.feed(text)
-            if text:
-                yield piece(text)
-        new_ids = await future
-        if text := scanner.flush():
-            yield piece(text)
-        yield piece(finish_reason=server.finish_reason(new_ids, scanner.text, sampling, scanner))
+        for index, (job, streamer, future) in enumerate(zip(jobs, streamers, futures)):
+            scanner = StopScanner(job.sampling.stop)
+            if chat:
+                yield piece(index, role=True)
+            async for text in streamer:
+                if text := scanner.feed(text):
+                    yield piece(index, text)
+            new_ids = await future
+            if text := scanner.flush():
+                yield piece(index, text)
+            yield piece(index, finish_reason=server.finish_reason(new_ids, scanner.text, job.sampling, scanner))
         if include_usage:
-            yield chunk([], usage=usage(len(prompt_ids), len(new_ids)))
+            yield chunk([], usage=usage(request.state.prompt_tokens, sum(job.new_tokens for job in jobs)))
     except Exception as error:  # headers are sent: report in the stream, as the OpenAI API does
         yield f"data: {json.dumps(APIError(500, f'{type(error).__name__}: {error}', kind='server_error').body())}\n\n"
     finally:
-        cancelled.set()  # a client that closes the stream stops its generation
-        future.cancel()
+        stop(jobs, futures)  # a client that closes the stream stops its generation
+        request.state.completion_tokens = sum(job.new_tokens for job in jobs)
     yield "data: [DONE]\n\n"
 
 
@@ -504,22 +641,29 @@ async def stream_events(
 
 
 def load_model(
-    model_dir: str | Path, *, large_model: str | None = None, device: str | None = None
+    model: str | Path, *, large_model: str | None = None, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A saved combined model (or a plain Hugging Face causal LM dir) and its tokenizer, on `device`."""
+    """A saved combined model (or a plain Hugging Face causal LM), a dir or a hub id, and its tokenizer, on `device`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") == LLMModulesConfig.model_type:
-        model = LLMModulesForCausalLM.from_pretrained(model_dir, large_model_name_or_path=large_model, dtype=dtype)
-        tokenizer = model.tokenizer
+    if AutoConfig.from_pretrained(model).model_type == LLMModulesConfig.model_type:
+        loaded = LLMModulesForCausalLM.from_pretrained(model, large_model_name_or_path=large_model, dtype=dtype)
+        tokenizer = loaded.tokenizer
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model)
     if tokenizer is None:
-        raise ValueError(f"{model_dir}: no tokenizer saved there")
-    return model.to(device), tokenizer
+        raise ValueError(f"{model}: no tokenizer saved there")
+    return loaded.to(device), tokenizer
 
 
-def serve(server: ModelServer, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
-    """Run the server until interrupted."""
-    uvicorn.run(create_app(server, api_key), host=host, port=port, log_level="info")
+def serve(
+    server: ModelServer, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, quiet: bool = False
+) -> None:
+    """Run the server until interrupted. It logs one line per request (`RequestLog`) to stderr, as uvicorn logs;
+    `quiet` leaves only warnings and errors. Uvicorn's own access log is off: it would log each request twice."""
+    logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    level = "WARNING" if quiet else "INFO"
+    logging_config["loggers"][log.name] = {"handlers": ["default"], "level": level, "propagate": False}
+    uvicorn.run(create_app(server, api_key), host=host, port=port, log_config=logging_config,
+                log_level=level.lower(), access_log=False)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import UsageError, int_at_least
+from .common import int_at_least
 
 
 def add_serve(subparsers) -> None:
@@ -16,7 +16,7 @@ def add_serve(subparsers) -> None:
         description="Serve a trained combined model (or a plain Hugging Face causal LM dir) over the OpenAI API: "
         "/v1/models, /v1/chat/completions, /v1/completions, and /health.",
     )
-    parser.add_argument("--model", required=True, help="a trained combined model dir (or a Hugging Face causal LM dir)")
+    parser.add_argument("--model", required=True, help="a trained combined model dir (or a Hugging Face causal LM)")
     parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
     parser.add_argument("--model-name", help="the model id clients ask for (default: the dir's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -29,19 +29,20 @@ def add_serve(subparsers) -> None:
     parser.add_argument("--max-new-tokens-limit", type=int_at_least(1), default=2048, help="largest max_tokens allowed")
     parser.add_argument("--system", help="system prompt for chats that bring none (default: the Bespoke-Stratos one)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no log line per request; warnings and errors only")
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> None:
-    from . import serving
+    from .. import serving
+    from .generate import resolve_model
 
-    directory = Path(args.model)
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"--model {args.model}: no config.json there (is it a model dir?)")
-    model, tokenizer = serving.load_model(directory, large_model=args.large_model, device=args.device)
+    source = resolve_model(args.model)
+    model, tokenizer = serving.load_model(source, large_model=args.large_model, device=args.device)
+    name = args.model_name or (Path(source).name if Path(source).is_dir() else source)  # a dir's name, or the hub id
     server = serving.ModelServer(
-        model, tokenizer, args.model_name or directory.resolve().name, max_concurrency=args.max_concurrency,
+        model, tokenizer, name, max_concurrency=args.max_concurrency,
         max_new_tokens_limit=args.max_new_tokens_limit, system_prompt=args.system,
     )
     print(f"serving {server.name!r} (context {server.context_length} tokens) at http://{args.host}:{args.port}/v1", flush=True)
-    serving.serve(server, host=args.host, port=args.port, api_key=args.api_key)
+    serving.serve(server, host=args.host, port=args.port, api_key=args.api_key, quiet=args.quiet)

@@ -1,0 +1,138 @@
+"""What every way of generating shares (`llm-modules generate` and `chat`, the server, `eval`): which tokens the
+answer text drops, streaming that text, and whether a prompt and its completion fit in the model's context.
+
+The answer text keeps every token but the control tokens: pad, bos, eos and the other named special tokens, the
+model's end-of-turn ids, and the chat template's turn markers (`<|im_start|>`). Additional tokens that are part of
+answers, such as the Stratos markers `<|begin_of_thought|>` ... `<|end_of_solution|>`, stay even when the tokenizer
+registers them as special tokens. `decode(skip_special_tokens=True)` would drop those too, and a tokenizer has no
+way to mark which of its special tokens may be skipped, so the control ids are removed and the rest is decoded with
+`skip_special_tokens=False`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from transformers import AsyncTextIteratorStreamer, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+from .configuration import LLMModulesConfig
+
+# Answer-format markers (Bespoke-Stratos): answer text, never control tokens.
+ANSWER_MARKERS = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
+
+
+# ---- answer text --------------------------------------------------------------------------------------------------
+
+
+def control_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> frozenset[int]:
+    """Ids that answer text drops: the tokenizer's named special tokens (bos, eos, pad, unk, sep, cls, mask), the
+    `eos_token_id`s of `model.generation_config` (end of turn, e.g. `<|im_end|>`), and the special added tokens that
+    the chat template writes (turn markers). Never an `ANSWER_MARKERS` token."""
+    ids = set(tokenizer.convert_tokens_to_ids(list(tokenizer.special_tokens_map.values())))
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    template = tokenizer.chat_template or ""
+    template = template if isinstance(template, str) else "\n".join(template.values())  # named templates
+    added = tokenizer.added_tokens_decoder
+    ids.update(i for i, token in added.items() if token.special and token.content in template)
+    return frozenset(ids - {i for i, token in added.items() if token.content in ANSWER_MARKERS})
+
+
+def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int], control_ids: frozenset[int]) -> str:
+    """The text of generated token `ids` (a list or a 1-d tensor) without its control tokens (`control_token_ids`)."""
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+    return tokenizer.decode([i for i in ids if i not in control_ids], skip_special_tokens=False)
+
+
+class _DropsControlTokens:
+    """Streams what `decode_answer` returns: drops the control ids before the streamer decodes (the new text only)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, control_ids: frozenset[int], **kwargs: Any):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False, **kwargs)
+        self.control_ids = torch.tensor(sorted(control_ids), dtype=torch.long)
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1 and value.shape[0] == 1:
+            value = value[0]
+        if value.dim() == 1:  # a batch of several rows: TextStreamer refuses it
+            value = value[~torch.isin(value, self.control_ids.to(value.device))]
+        super().put(value)
+
+
+class AnswerStreamer(_DropsControlTokens, TextStreamer):
+    """`TextStreamer` (prints to stdout) of the answer text: the same text as `decode_answer`."""
+
+
+class AsyncAnswerStreamer(_DropsControlTokens, AsyncTextIteratorStreamer):
+    """`AsyncTextIteratorStreamer` (an async iterator of text pieces) of the answer text, as `decode_answer`."""
+
+
+# ---- context ------------------------------------------------------------------------------------------------------
+
+
+class ContextLengthError(ValueError):
+    """A prompt and its completion do not fit in the model's context.
+
+    `prompt_too_long` is True when the prompt alone leaves no room for a completion."""
+
+    def __init__(self, message: str, prompt_too_long: bool):
+        super().__init__(message)
+        self.prompt_too_long = prompt_too_long
+
+
+def context_length(model: PreTrainedModel) -> int:
+    """Most tokens (prompt + completion) a sequence may hold.
+
+    Raises ValueError when the model's config has no `max_position_embeddings`."""
+    config = model.config
+    if isinstance(config, LLMModulesConfig):
+        # With zeroed small-model positions only the large model limits the length (DESIGN.md).
+        configs = [config.large_config] + ([config.small_config] if config.small_position_embeddings == "keep" else [])
+    else:
+        configs = [config]
+    limits = [getattr(c, "max_position_embeddings", None) for c in configs]
+    if None in limits:
+        raise ValueError(f"cannot tell the context length of {type(model).__name__}: no max_position_embeddings")
+    return min(limits)
+
+
+def _context_description(model: PreTrainedModel, context: int) -> str:
+    config = model.config
+    if (
+        isinstance(config, LLMModulesConfig) and config.small_position_embeddings == "keep"
+        and getattr(config.small_config, "max_position_embeddings", None) == context
+    ):
+        return (f"{context} tokens (the small model's positions: it was built with "
+                "small_position_embeddings='keep'; 'zero' has no such limit)")
+    return f"{context} tokens"
+
+
+def check_generation_length(
+    model: PreTrainedModel, prompt_tokens: int, max_new_tokens: int | None, *, up_to: int | None = None,
+    option: str = "max_new_tokens",
+) -> int:
+    """How many new tokens to generate after a `prompt_tokens`-long prompt: `max_new_tokens`, or when it is None, as
+    many as the context leaves, at most `up_to`. The one rule of every entry point (CLI, server).
+
+    Raises `ContextLengthError` naming the numbers and `option` (the setting to lower, e.g. `--max-new-tokens`) when
+    the prompt leaves no room, or prompt + `max_new_tokens` exceeds `context_length(model)`.
+    """
+    context = context_length(model)
+    room = context - prompt_tokens
+    limit = f"This model's maximum context length is {_context_description(model, context)}"
+    if room < 1:
+        raise ContextLengthError(
+            f"{limit}, but the prompt is {prompt_tokens} tokens, which leaves no room for the completion: "
+            "shorten the prompt", prompt_too_long=True,
+        )
+    if max_new_tokens is None:
+        return room if up_to is None else min(up_to, room)
+    if max_new_tokens > room:
+        raise ContextLengthError(
+            f"{limit}, but the prompt ({prompt_tokens} tokens) plus {option} {max_new_tokens} is "
+            f"{prompt_tokens + max_new_tokens} tokens: lower {option} to {room} or shorten the prompt",
+            prompt_too_long=False,
+        )
+    return max_new_tokens
