@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import Counter
 
@@ -23,6 +24,7 @@ from llm_modules.demo.world import (
 )
 from llm_modules.evaluation import extract_solution, is_well_formed
 from llm_modules.tiny_models import train_tokenizer
+from llm_modules.training_log import QuietProgressCallback, keep_logs_off_terminal, log_file_callbacks
 
 
 def test_world_is_seeded_unique_and_every_answer_occurs_in_a():
@@ -105,8 +107,10 @@ def test_biographies_name_the_person_first_and_use_they_later():
 def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     target = tmp_path / "results"
     target.write_text("keep me")
-    assert main(["demo", "--quick", "--output-dir", str(target)]) == 1
-    assert f"--output-dir {target} is a file" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--output-dir", str(target)]) == 3  # not what it should be: a directory
+    assert capsys.readouterr().err == (
+        f"llm-modules demo: error: --output-dir {target} is a file, expected a directory (or a new path)\n"
+    )
     assert target.read_text() == "keep me"
 
 
@@ -133,3 +137,69 @@ def test_quick_demo_transfers_knowledge(tmp_path, capsys):
     for name in ("accuracy.png", "loss_curves.png", "results.md"):
         assert (out / name).stat().st_size > 0
     assert (out / "models" / "combined" / "model.safetensors").is_file()  # reloadable by `llm-modules eval`
+    assert (out / "logs" / "combined.jsonl").stat().st_size > 0 and "'loss'" not in printed
+
+
+def tiny_trainer(model_dir, tmp_path, callbacks, disable_tqdm=False):
+    import datasets
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 4, "labels": [[1, 2, 3, 4]] * 4})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=3, logging_steps=1, per_device_train_batch_size=2,
+        report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=disable_tqdm,
+    )
+    return Trainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=rows,
+                   callbacks=callbacks)
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_trainer_logs_go_to_a_file_and_the_terminal_keeps_only_the_bar(disable_tqdm, tiny_dirs, tmp_path, capsys,
+                                                                      one_thread):
+    from transformers import PrinterCallback, ProgressCallback
+
+    log_file = tmp_path / "logs" / "run.jsonl"
+    trainer = keep_logs_off_terminal(tiny_trainer(tiny_dirs["gpt2"], tmp_path, log_file_callbacks(log_file),
+                                                  disable_tqdm))
+    trainer.train()
+    assert "loss" not in capsys.readouterr().out  # transformers would print every log dict there
+    bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
+    assert bars == ([] if disable_tqdm else [QuietProgressCallback])
+    logs = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [entry["step"] for entry in logs] == [1, 2, 3, 3] and "loss" in logs[0] and "train_runtime" in logs[-1]
+    assert logs[:3] == [{"step": e["step"], **e} for e in trainer.state.log_history[:3]]
+
+
+def test_a_trainer_without_a_log_file_is_left_as_it_is(tiny_dirs, tmp_path):
+    from transformers import ProgressCallback
+
+    trainer = keep_logs_off_terminal(tiny_trainer(tiny_dirs["gpt2"], tmp_path, None))
+    assert any(type(c) is ProgressCallback for c in trainer.callback_handler.callbacks)
+
+
+def test_demo_terminal_shows_bars_and_one_line_per_result_and_logs_go_to_files(tmp_path, capfd, caplog, one_thread):
+    from transformers.utils import logging as hf_logging
+
+    from llm_modules.demo import DemoSettings, run_demo
+    from llm_modules.demo.systems import TaskOptions
+
+    settings = DemoSettings(
+        people_a=12, people_b=4, eval_people_a=2, max_new_tokens=8,
+        source=SourceOptions(hidden_size=32, intermediate_size=64, vocab_size=400, rounds=2, batch_size=16),
+        task=TaskOptions(epochs=1, batch_size=16, small_hidden_size=32, small_only_hidden_size=32, logging_steps=1),
+        systems=("small_only", "teacher_native", "combined"),
+    )
+    caplog.set_level(logging.INFO, logger="llm_modules")
+    results = run_demo(tmp_path / "demo", settings=settings)
+    out, err = capfd.readouterr()  # file-descriptor level: also what native code prints
+    assert out == ""  # no Trainer log dicts, no stray lines: the command prints only the table afterwards
+    assert "Loading weights" not in err and "Writing model shards" not in err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on for whoever runs next
+    lines = [record.getMessage() for record in caplog.records if record.name == "llm_modules.demo"]
+    assert lines[0].startswith("world: 12 people in split A") and lines[1].startswith("knowledge source: ")
+    b = results["systems"]["combined"]["split_b_exact_match"]
+    assert f"combined: split B exact match {b:.3f} (split A " in lines[-1]
+    assert [line.split(":")[0] for line in lines[3:]] == ["small_only", "teacher_native", "combined"]
+    for name in ("knowledge_source", "small_only", "combined"):
+        logs = [json.loads(line) for line in (tmp_path / "demo" / "logs" / f"{name}.jsonl").read_text().splitlines()]
+        assert logs and all("step" in entry for entry in logs) and "train_loss" in logs[-1]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import UsageError, int_at_least
+from .common import UsageError, int_at_least, read_model_config
 
 
 def add_bench(subparsers) -> None:
@@ -54,8 +53,9 @@ def add_bench(subparsers) -> None:
 def run_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from . import benchmarking
-    from .configuration import LLMModulesConfig
+    from .. import benchmarking
+    from ..configuration import LLMModulesConfig
+    from ..sources import ModelSourceError
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA GPU is available here")
@@ -63,10 +63,12 @@ def run_bench(args: argparse.Namespace) -> None:
         raise UsageError(f"--clock cpu measures CPU work only; time --device {args.device} with --clock wall")
     config = None
     if args.config:
-        path = Path(args.config)
-        if not (path / "config.json" if path.is_dir() else path).is_file():
-            raise UsageError(f"--config {path}: no config.json there")
-        config = LLMModulesConfig.from_pretrained(path)
+        _, config = read_model_config(args.config, "--config", config_file=True)
+        if not isinstance(config, LLMModulesConfig):
+            raise ModelSourceError(
+                f"--config {args.config}: a {config.model_type} model, not a combined llm-modules one (give a combined "
+                "model dir or its config.json)"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(

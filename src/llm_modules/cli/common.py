@@ -1,12 +1,64 @@
-"""What every command shares: the one-line error for bad input and argparse types."""
+"""What every command shares: the parser class (defaults shown in --help), the one-line error for bad input, argparse
+types, exit codes, where library messages go, and reading a model's config from a --model style argument.
+
+Nothing here imports torch or transformers at module level: `--help` and flag typos must stay instant.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import argparse
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+# Exit codes, the same in every command (README, "Exit codes").
+EXIT_FAILURE = 1  # something went wrong while running (a bug, a crash, out of memory)
+EXIT_USAGE = 2  # bad input: flags, values, config files, data rows under --strict (argparse uses 2 as well)
+EXIT_NOT_FOUND = 3  # a named file, directory or model is missing, or is not what it should be (not a model dir)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+def default_text(action: argparse.Action) -> str | None:
+    """An option's default as the user would type it, or None when there is nothing worth showing (no default, a
+    flag's False, a default that depends on something else and is described in the help already)."""
+    default = action.default
+    if not action.option_strings or default is None or default is argparse.SUPPRESS or isinstance(default, bool):
+        return None
+    if "default" in (action.help or ""):
+        return None
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default))
+    return str(default)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help plus "(default: X)" after every option that has a default worth showing.
+
+    Not `argparse.ArgumentDefaultsHelpFormatter`: it prints "(default: None)" and "(default: False)", and nothing for
+    options without help text.
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = default_text(action)
+        if default is not None:
+            action = copy.copy(action)  # the parser's own action keeps its help
+            action.help = f"{action.help or ''} (default: {default.replace('%', '%%')})".strip()
+        return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """The parser of `llm-modules` and of every command under it (subparsers inherit the class): defaults in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -21,8 +73,42 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-# Exit codes, the same in every command (README, "Exit codes").
-EXIT_FAILURE = 1  # something went wrong while running (a bug, a crash, out of memory)
-EXIT_USAGE = 2  # bad input: flags, values, config files, data rows under --strict (argparse uses 2 as well)
-EXIT_NOT_FOUND = 3  # a named file, directory or model is missing, or is not what it should be (not a model dir)
-EXIT_INTERRUPTED = 130  # Ctrl-C
+@contextlib.contextmanager
+def library_messages() -> Iterator[None]:
+    """While a command runs, this library's messages (INFO and up: data reports, "loading the best model", the demo's
+    phase results) go to stderr as plain lines, written above any progress bar instead of glued onto it."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    logger = logging.getLogger("llm_modules")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        # logging_redirect_tqdm gives the logger a handler that writes with tqdm.write, keeping our format.
+        with logging_redirect_tqdm(loggers=[logger]):
+            logger.handlers[-1].setFormatter(logging.Formatter("%(message)s"))
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def read_model_config(
+    name: str, what: str, trust_remote_code: bool = False, config_file: bool = False
+) -> tuple[str, Any]:
+    """(source, config) of the model `name` names: `sources.resolve_model_source` (the absolute path of a local model,
+    or a hub id) and its transformers config. A missing path, or one that is not a model, fails here with the message
+    every command uses (`ModelSourceError`, exit code 3); `what` names the argument (e.g. `--model`). With
+    `config_file`, a config's .json file is accepted as well."""
+    from pathlib import Path
+
+    from .. import modeling  # noqa: F401  (registers model_type "llm_modules" with AutoConfig)
+    from ..sources import ModelSourceError, load_config, resolve_model_source
+
+    path = Path(name).expanduser()
+    if config_file and path.suffix.lower() == ".json" and path.is_file():
+        source = str(path.resolve())
+    else:
+        source = resolve_model_source(name, what)
+    try:
+        return source, load_config(source, trust_remote_code=trust_remote_code)
+    except ValueError as error:  # a config without a model_type transformers knows
+        raise ModelSourceError(f"{what} {name}: not a model transformers knows ({str(error).splitlines()[0]})") from error

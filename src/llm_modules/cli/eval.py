@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import UsageError, int_at_least
+from .common import UsageError, int_at_least, read_model_config
 
 
 def add_eval(subparsers) -> None:
@@ -34,13 +34,17 @@ def add_eval(subparsers) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .data import load_rows
-    from .evaluation import evaluate_dataset, first_rows, load_model_for_eval, write_json
+    from ..data import load_rows
+    from ..evaluation import evaluate_dataset, first_rows, load_model_for_eval, write_json
+    from ..sources import resolve_model_source
 
+    # The models' paths first: a typo should not wait for the dataset to load.
+    model_source, _ = read_model_config(args.model, "--model", args.trust_remote_code)
+    large_source = resolve_model_source(args.large_model, "--large-model") if args.large_model else None
     rows = first_rows(load_rows(args.dataset, split=args.split), args.limit)
     if not rows:
         raise UsageError(f"--dataset {args.dataset}: no rows")
-    model, tokenizer = load_model_for_eval(args.model, args.large_model, args.device, args.trust_remote_code)
+    model, tokenizer = load_model_for_eval(model_source, large_source, args.device, args.trust_remote_code)
     results = {"model": args.model, "dataset": args.dataset, **evaluate_dataset(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         max_length=args.max_length, generate=not args.no_generate,

@@ -7,38 +7,42 @@ import json
 import tempfile
 from pathlib import Path
 
-from .common import UsageError
+from .common import UsageError, read_model_config
 
 
 def add_info(subparsers) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="parameter summary of a combined model",
-        description="Parameter summary. With no model arguments: the paper's pair (Qwen2-1.5B + GPT-Neo-125M) built "
-        "from its configs without allocating weights.",
+        help="what a model is: architecture, size and parameter counts (a combined model, a plain one, or a pair)",
+        description="What a model is, from its config alone: no weights are loaded (counts come from the model built "
+        "on the meta device). --model: a saved combined model (its parts), or a plain causal LM (its architecture, "
+        "width, layers, vocabulary and parameters). --large with --small: the combined model they would make. "
+        "Neither: the paper's pair, Qwen2-1.5B + GPT-Neo-125M.",
     )
-    parser.add_argument("--model", help="a saved combined model dir")
-    parser.add_argument("--large", help="config id or dir of the large model (with --small)")
-    parser.add_argument("--small", help="config id or dir of the small model (with --large)")
+    parser.add_argument("--model", help="a saved combined model dir, or a plain causal LM (dir or hub id)")
+    parser.add_argument("--large", help="hub id or dir of the large model (with --small)")
+    parser.add_argument("--small", help="hub id or dir of the small model (with --large)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(handler=run_info)
 
 
 def run_info(args: argparse.Namespace) -> None:
     import torch
-    from transformers import AutoConfig
 
-    from .configuration import LLMModulesConfig
-    from .modeling import LLMModulesForCausalLM
+    from ..configuration import LLMModulesConfig
+    from ..modeling import LLMModulesForCausalLM
 
     if args.model:
-        config = LLMModulesConfig.from_pretrained(args.model)
+        _, config = read_model_config(args.model, "--model")
+        if not isinstance(config, LLMModulesConfig):
+            show_plain_model(args.model, config, args.json)
+            return
     elif args.large or args.small:
         if not (args.large and args.small):
             raise UsageError("give both --large and --small")
-        config = LLMModulesConfig(
-            large_config=AutoConfig.from_pretrained(args.large), small_config=AutoConfig.from_pretrained(args.small)
-        )
+        _, large = read_model_config(args.large, "--large")
+        _, small = read_model_config(args.small, "--small")
+        config = LLMModulesConfig(large_config=large, small_config=small)
     else:
         config = LLMModulesConfig()
     with torch.device("meta"):  # counts need shapes only
@@ -51,6 +55,40 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"small model:  {config.small_config.model_type} (width {config.small_hidden_size})")
     for name, value in summary.items():
         print(f"{name:<24} {value:>15,}  ({value / 1e6:,.1f}M)")
+
+
+def show_plain_model(name: str, config, as_json: bool) -> None:
+    """A plain Hugging Face causal LM: what it is, its size, and how to use it as one half of a combined model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..sources import ModelSourceError
+
+    try:
+        with torch.device("meta"):  # counts need shapes only
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as error:  # transformers: no causal-LM class for this config
+        raise ModelSourceError(
+            f"--model {name}: a {config.model_type} model, not a causal language model (nothing to compose)"
+        ) from error
+    text = config.get_text_config()
+    facts = {
+        "kind": "causal_lm",
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "hidden_size": text.hidden_size,
+        "layers": text.num_hidden_layers,
+        "vocab_size": text.vocab_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    print(f"{name}: a plain causal LM ({facts['architecture']}), not a combined llm-modules model")
+    print(f"width {facts['hidden_size']:,}, layers {facts['layers']}, vocabulary {facts['vocab_size']:,}")
+    print(f"parameters {facts['parameters']:,}  ({facts['parameters'] / 1e6:,.1f}M)")
+    print(f"compose it: llm-modules info --large {name} --small SMALL (the pair's numbers), "
+          f"then llm-modules train --large {name} --small SMALL")
 
 
 def add_smoke_test(subparsers) -> None:
@@ -66,8 +104,8 @@ def add_smoke_test(subparsers) -> None:
 def run_smoke_test(args: argparse.Namespace) -> None:
     import torch
 
-    from .modeling import LLMModulesForCausalLM
-    from .tiny_models import save_tiny_causal_lm, train_tokenizer
+    from ..modeling import LLMModulesForCausalLM
+    from ..tiny_models import save_tiny_causal_lm, train_tokenizer
 
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="llm-modules-smoke-"))
     text = "the cat sat on the mat. the dog sat on the log. " * 4

@@ -4,13 +4,19 @@
 2. A knowledge source pretrained from scratch on everyone's biographies and on QA lines about A (`knowledge_source.py`).
 3. A task in a format the source never saw (Stratos rows), trained on A, evaluated on B by greedy generation.
 4. The compared systems, same rows and budget (`systems.py`), and the report (`report.py`).
+
+On the terminal: a progress bar per long phase and one line per result (logged to `llm_modules.demo` at INFO; the
+command line shows them). Each Trainer's logs go to OUTPUT/logs/NAME.jsonl instead (`training_log`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +24,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from ..data import build_dataset
 from ..evaluation import AnswerResult, evaluate_answers
 from . import systems as S
 from .knowledge_source import SourceOptions, build_tokenizer, native_answers, pretrain_source
-from .report import SYSTEMS, write_report
+from .report import SYSTEMS, write_atomic, write_report
 from .world import ATTRIBUTES, World, majority_baseline, make_world, task_rows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,13 +96,26 @@ def run_demo(output_dir: str | Path = "llm-modules-demo", seed: int = 0, quick: 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {output_dir} is a file, expected a directory (or a new path)")
-    with tempfile.TemporaryDirectory(prefix="llm-modules-demo-") as scratch:  # the Trainers' scratch space
+    with tempfile.TemporaryDirectory(prefix="llm-modules-demo-") as scratch, no_loading_bars():
         return _run(output_dir, seed, quick, settings or default_settings(quick, seed), Path(scratch))
+
+
+@contextlib.contextmanager
+def no_loading_bars() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off: the demo's models load and
+    save in a blink, and each bar would leave a line behind. The Trainers' and the evaluation's bars stay."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    models_dir, data_dir = output_dir / "models", output_dir / "data"
+    models_dir, data_dir, logs_dir = output_dir / "models", output_dir / "data", output_dir / "logs"
     phases = tqdm(total=3 + len(settings.systems), desc="demo", unit="phase")
 
     phases.set_postfix_str("world and tokenizer")
@@ -104,7 +126,11 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
     rows_eval_a = task_rows(eval_a)
     data_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train_a", rows_a), ("eval_b", rows_b)):  # for `llm-modules eval` afterwards
-        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_atomic(data_dir / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    logger.info(
+        f"world: {len(world.split_a)} people in split A (trained on), {len(world.split_b)} in split B (asked about); "
+        f"tokenizer of {len(tokenizer):,} tokens"
+    )
     phases.update()
 
     phases.set_postfix_str("pretraining the knowledge source")
@@ -112,15 +138,23 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
     source_start = time.perf_counter()
     histories = {"knowledge_source": [
         {**entry, "epoch": entry["epoch"] * settings.source.rounds}
-        for entry in pretrain_source(world, tokenizer, source_dir, settings.source, seed, work_dir / "source")
+        for entry in pretrain_source(
+            world, tokenizer, source_dir, settings.source, seed, work_dir / "source", logs_dir / "knowledge_source.jsonl"
+        )
     ]}
     source_seconds = time.perf_counter() - source_start
     source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    final_loss = [entry["loss"] for entry in histories["knowledge_source"] if "loss" in entry][-1:]
+    logger.info(
+        f"knowledge source: {sum(p.numel() for p in source.parameters()):,} parameters, pretrained in "
+        f"{source_seconds:.0f} s" + (f", final loss {final_loss[0]:.3f}" if final_loss else "")
+    )
     phases.update()
 
     phases.set_postfix_str("task data")
     small_dir = S.save_small_model((models_dir / "small_init").resolve(), tokenizer, settings.task)
     train_dataset, _ = build_dataset(rows_a, tokenizer, max_length=None)
+    logger.info(f"task: {len(rows_a)} training rows about split A; {len(rows_b)} questions about split B to answer")
     phases.update()
 
     predictions_dir = output_dir / "predictions"
@@ -130,7 +164,7 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
         kwargs = dict(max_new_tokens=settings.max_new_tokens, batch_size=64)
         result_b = evaluate_answers(model, tokenizer, rows_b, desc=f"{name} on B", **kwargs)
         result_a = evaluate_answers(model, tokenizer, rows_eval_a, desc=f"{name} on A", **kwargs)
-        (predictions_dir / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in result_b.predictions))
+        write_atomic(predictions_dir / f"{name}.jsonl", "".join(json.dumps(p) + "\n" for p in result_b.predictions))
         return result_b, result_a
 
     results: dict[str, Any] = {"systems": {}}
@@ -142,20 +176,22 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
         elif name == "teacher_new_format":
             results["systems"][name] = answer_row(*evaluate(source, name), 0, 0.0)
         else:
+            log_file = logs_dir / f"{name}.jsonl"
             if name == "small_only":
-                trained = S.small_only(train_dataset, tokenizer, task, work_dir)
+                trained = S.small_only(train_dataset, tokenizer, task, work_dir, log_file)
             elif name == "distilled_small":
-                trained = S.distilled_small(source_dir, train_dataset, tokenizer, task, work_dir)
+                trained = S.distilled_small(source_dir, train_dataset, tokenizer, task, work_dir, log_file)
             elif name == "large_finetuned":
-                trained = S.large_finetuned(source_dir, train_dataset, tokenizer, task, work_dir)
+                trained = S.large_finetuned(source_dir, train_dataset, tokenizer, task, work_dir, log_file)
             elif name in ("combined", "combined_noncausal"):
                 trained = S.combined(source_dir, small_dir, train_dataset, tokenizer, task, models_dir / name,
-                                     causal=name == "combined")
+                                     log_file, causal=name == "combined")
             else:
                 raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
             histories[name] = trained.log_history
             results["systems"][name] = answer_row(*evaluate(trained.model, name), trained.trainable_params,
                                                   trained.train_seconds)
+        logger.info(result_line(name, results["systems"][name]))
         phases.update()
     phases.close()
 
@@ -175,6 +211,13 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
     })
     results["table"] = write_report(output_dir, results, histories)
     return results
+
+
+def result_line(name: str, row: dict) -> str:
+    """"combined: split B exact match 0.960 (split A 0.990), trained in 63 s"."""
+    trained = f"trained in {row['train_seconds']:.0f} s" if row["trainable_params"] else "not trained"
+    return (f"{name}: split B exact match {row['split_b_exact_match']:.3f} (split A {row['split_a_exact_match']:.3f}), "
+            f"{trained}")
 
 
 __all__ = ["DemoSettings", "default_settings", "run_demo"]

@@ -25,6 +25,7 @@ from transformers import (
 from ..data import DataCollatorForLLMModules
 from ..evaluation import generate_texts
 from ..tiny_models import train_tokenizer
+from ..training_log import keep_logs_off_terminal, log_file_callbacks
 from .world import ATTRIBUTES, World, biography, native_line, native_prompt, pronoun_statement, statement, tokenizer_corpus
 
 
@@ -108,9 +109,10 @@ def source_config(tokenizer: PreTrainedTokenizerBase, options: SourceOptions):
 
 def pretrain_source(
     world: World, tokenizer: PreTrainedTokenizerBase, directory: str | Path, options: SourceOptions, seed: int,
-    work_dir: str | Path,
+    work_dir: str | Path, log_file: Path,
 ) -> list[dict]:
-    """Pretrain the source from random weights, save it (with its tokenizer) to `directory`; returns the Trainer log."""
+    """Pretrain the source from random weights, save it (with its tokenizer) to `directory`; returns the Trainer log
+    (also written to `log_file`)."""
     dataset = pretraining_dataset(pretraining_documents(world, options.rounds, seed), tokenizer, options, seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(source_config(tokenizer, options))
@@ -119,9 +121,10 @@ def pretrain_source(
         learning_rate=options.lr, weight_decay=options.weight_decay, lr_scheduler_type="cosine", warmup_steps=0.05,
         max_grad_norm=1.0, logging_steps=20, save_strategy="no", report_to="none", seed=seed, use_cpu=True,
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id)
-    )
+    trainer = keep_logs_off_terminal(Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id),
+        callbacks=log_file_callbacks(log_file),
+    ))
     trainer.train()
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBa
 from ..data import DataCollatorForLLMModules
 from ..modeling import LLMModulesForCausalLM
 from ..training import TrainingOptions, train
+from ..training_log import keep_logs_off_terminal, log_file_callbacks
 
 
 @dataclass
@@ -115,45 +116,58 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def train_plain(model, dataset, tokenizer, options: TaskOptions, output_dir: Path, lr: float, teacher=None) -> TrainedSystem:
-    """Fine-tune every weight of a plain causal LM on the task rows (with distillation when a teacher is given)."""
+def train_plain(
+    model, dataset, tokenizer, options: TaskOptions, output_dir: Path, lr: float, log_file: Path, teacher=None
+) -> TrainedSystem:
+    """Fine-tune every weight of a plain causal LM on the task rows (with distillation when a teacher is given); the
+    Trainer's logs go to `log_file`, a progress bar to the terminal."""
     args = trainer_arguments(options, output_dir, lr)
-    collator = DataCollatorForLLMModules(tokenizer.pad_token_id)
+    kwargs = dict(
+        model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id),
+        callbacks=log_file_callbacks(log_file),
+    )
     if teacher is None:
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        trainer = Trainer(**kwargs)
     else:
         trainer = DistillationTrainer(
-            model=model, args=args, train_dataset=dataset, data_collator=collator, teacher=teacher,
-            alpha=options.distill_alpha, temperature=options.distill_temperature,
+            **kwargs, teacher=teacher, alpha=options.distill_alpha, temperature=options.distill_temperature
         )
+    keep_logs_off_terminal(trainer)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     return TrainedSystem(model.eval(), trainable(model), seconds, trainer.state.log_history)
 
 
-def small_only(dataset, tokenizer, options: TaskOptions, work_dir: Path) -> TrainedSystem:
+def small_only(dataset, tokenizer, options: TaskOptions, work_dir: Path, log_file: Path) -> TrainedSystem:
     """The small model alone, with its own token embeddings, fine-tuned on the task (the paper's GPT-Neo fine-tuned)."""
     model = small_causal_lm(tokenizer, options.small_only_hidden_size, options)
-    return train_plain(model, dataset, tokenizer, options, work_dir / "small_only", options.lr_small)
+    return train_plain(model, dataset, tokenizer, options, work_dir / "small_only", options.lr_small, log_file)
 
 
-def distilled_small(source_dir: Path, dataset, tokenizer, options: TaskOptions, work_dir: Path) -> TrainedSystem:
+def distilled_small(
+    source_dir: Path, dataset, tokenizer, options: TaskOptions, work_dir: Path, log_file: Path
+) -> TrainedSystem:
     """The small model trained on the task with a KL term to the source (classic logit distillation)."""
     model = small_causal_lm(tokenizer, options.small_only_hidden_size, options)
     teacher = AutoModelForCausalLM.from_pretrained(source_dir)
-    return train_plain(model, dataset, tokenizer, options, work_dir / "distilled_small", options.lr_small, teacher=teacher)
+    return train_plain(
+        model, dataset, tokenizer, options, work_dir / "distilled_small", options.lr_small, log_file, teacher=teacher
+    )
 
 
-def large_finetuned(source_dir: Path, dataset, tokenizer, options: TaskOptions, work_dir: Path) -> TrainedSystem:
+def large_finetuned(
+    source_dir: Path, dataset, tokenizer, options: TaskOptions, work_dir: Path, log_file: Path
+) -> TrainedSystem:
     """The source itself with all its weights fine-tuned on the task (the analogue of the paper's distilled model)."""
     torch.manual_seed(options.seed)
     model = AutoModelForCausalLM.from_pretrained(source_dir)
-    return train_plain(model, dataset, tokenizer, options, work_dir / "large_finetuned", options.lr_large)
+    return train_plain(model, dataset, tokenizer, options, work_dir / "large_finetuned", options.lr_large, log_file)
 
 
 def combined(
-    source_dir: Path, small_dir: Path, dataset, tokenizer, options: TaskOptions, output_dir: Path, causal: bool = True
+    source_dir: Path, small_dir: Path, dataset, tokenizer, options: TaskOptions, output_dir: Path, log_file: Path,
+    causal: bool = True,
 ) -> TrainedSystem:
     """LLM Modules: the frozen source -> bridge -> small model, composed and trained by this library's own code."""
     torch.manual_seed(options.seed)
@@ -170,6 +184,6 @@ def combined(
         trainer_args={"save_strategy": "no"},
     )
     start = time.perf_counter()
-    trainer = train(model, tokenizer, dataset, None, training)
+    trainer = train(model, tokenizer, dataset, None, training, callbacks=log_file_callbacks(log_file))
     seconds = time.perf_counter() - start
     return TrainedSystem(model.eval(), model.parameter_summary()["trainable"], seconds, trainer.state.log_history)
