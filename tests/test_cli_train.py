@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import types
 
 import pytest
 import torch
@@ -50,45 +52,110 @@ def trained_dir(tiny_pair, dataset_file, tmp_path_factory):
     return output
 
 
-def test_train_skips_bad_rows_saves_a_loadable_model_and_a_card(tiny_pair, dataset_file, tmp_path, capsys):
+def test_train_skips_bad_rows_saves_a_loadable_model_and_a_card(tiny_pair, dataset_file, tmp_path, capsys, monkeypatch):
     config = tmp_path / "train.yaml"
     config.write_text("max_steps: 5\nbatch_size: 2\nlogging_steps: 1\ndisable_tqdm: true\n")
-    argv = train_argv(tiny_pair, dataset_file, tmp_path / "out", "--config", str(config), "--max-steps", "3")
+    # Relative paths, as users type them: what is recorded must be absolute, so the model loads from anywhere.
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(p) for p in (*tiny_pair, dataset_file)]
+    argv = train_argv(relative[:2], relative[2], "out", "--config", "train.yaml", "--max-steps", "3")
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "trained 3 steps" in captured.out  # the flag beats the config file
-    assert "skipped 2 invalid rows: row 18: 'conversations' is empty" in captured.err
-    assert "row 19: turn 1 has unknown role 'narrator'" in captured.err
+    summary = (
+        "19 rows read, 17 valid, 2 skipped (row 18: 'conversations' is empty (expected a non-empty list of turns), "
+        "row 19: turn 1 has unknown role 'narrator' (expected 'user' or 'assistant')); 14 train / 3 validation"
+    )
+    assert summary in captured.err
+    saved = json.loads((tmp_path / "out" / "training_options.json").read_text())
+    assert [saved["large"], saved["small"], saved["dataset"]] == [str(tiny_pair[0]), str(tiny_pair[1]), str(dataset_file)]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"- Data: `{dataset_file}`\n- Rows: {summary}" in card and f"frozen large one\n(`{tiny_pair[0]}`)" in card
+    assert "Final validation loss" in card and '"batch_size": 2' in card
+    monkeypatch.chdir(dataset_file.parent)
     model = LLMModulesForCausalLM.from_pretrained(tmp_path / "out")
     assert model.tokenizer is not None
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert str(dataset_file) in card and "Final validation loss" in card and '"batch_size": 2' in card
 
 
 def test_train_strict_names_the_first_bad_row_and_exits_2(tiny_pair, dataset_file, tmp_path, capsys):
-    assert main(train_argv(tiny_pair, dataset_file, tmp_path / "out", "--strict", "--max-steps", "1")) == 2
+    argv = train_argv(tiny_pair, dataset_file, tmp_path / "out", "--strict", "--max-steps", "1", "--subset", "0.2")
+    assert main(argv) == 2  # the subset's 3 rows hold no invalid one, or not row 18: every row is checked
     err = capsys.readouterr().err
     assert "row 18: 'conversations' is empty" in err.splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.fixture
+def files(tmp_path, dataset_file):
+    """Bad inputs, by name: a mistyped data file, a non-UTF-8 one, a dir that is no model, a config with epochs 0."""
+    (tmp_path / "latin1.jsonl").write_bytes(dataset_file.read_bytes() + '{"system": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "no-model").mkdir()
+    (tmp_path / "zero.yaml").write_text("epochs: 0\n")
+    return tmp_path
+
+
 @pytest.mark.parametrize(
     "change, code, message",
     [
-        (("--dataset", "/nonexistent/rows.jsonl"), 1, "dataset file or directory not found: /nonexistent/rows.jsonl"),
-        (("--large", "/nonexistent/large"), 1, "--large /nonexistent/large: no such directory"),
+        (("--dataset", "/nonexistent/rows.jsonl"), 3, "--dataset /nonexistent/rows.jsonl: no such file or directory"),
+        (("--dataset", "{dataset_file}l"), 3, "--dataset {dataset_file}l: no such file or directory (did you mean {dataset_file}?)"),
+        (("--dataset", "rows.csv"), 3, "--dataset rows.csv: no such file or directory"),
+        (("--dataset", "{files}/latin1.jsonl"), 2, "{files}/latin1.jsonl: not UTF-8 (byte 0xe9 on line 20)"),
+        (("--large", "/nonexistent/large"), 3, "--large /nonexistent/large: no such file or directory"),
+        (("--small", "{files}/no-model"), 3, "--small {files}/no-model: not a model directory"),
         (("--config", "/nonexistent/train.yaml"), 2, "--config /nonexistent/train.yaml: no such file"),
+        (("--config", "{files}/zero.yaml"), 2, "--config {files}/zero.yaml: epochs must be a number > 0, got 0"),
     ],
 )
-def test_train_errors_are_one_line(tiny_pair, dataset_file, tmp_path, capsys, change, code, message):
+def test_train_errors_are_one_line(tiny_pair, dataset_file, files, tmp_path, capsys, change, code, message):
+    flag, value = change[0], change[1].format(dataset_file=dataset_file, files=files)
     argv = train_argv(tiny_pair, dataset_file, tmp_path / "out", "--max-steps", "1")
-    if change[0] in argv:
-        argv[argv.index(change[0]) + 1] = change[1]
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
     else:
-        argv += list(change)
+        argv += [flag, value]
     assert main(argv) == code
     err = capsys.readouterr().err
-    assert message in err.splitlines()[-1] and "Traceback" not in err
+    assert message.format(dataset_file=dataset_file, files=files) in err.splitlines()[-1] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, rule",
+    [("--epochs", "0", "a number > 0"), ("--epochs", "-1", "a number > 0"), ("--max-steps", "0", "an integer >= 1"),
+     ("--lr-bridge", "0", "a number > 0"), ("--lr-small", "nan", "a number > 0"), ("--subset", "0", "a fraction in (0, 1]"),
+     ("--subset", "1.5", "a fraction in (0, 1]"), ("--val-split", "1", "a fraction in [0, 1)"),
+     ("--warmup", "-0.5", "a fraction in [0, 1) or a whole number"), ("--min-delta", "-1", "a number >= 0"),
+     ("--max-length", "1", "an integer >= 2"), ("--batch-size", "2.5", "an integer >= 1")],
+)
+def test_train_refuses_out_of_range_numbers_when_parsing(flag, value, rule, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", flag, value])
+    assert exit.value.code == 2
+    assert f"argument {flag}: must be {rule}" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_train_preset_then_config_then_flags(dataset_file, tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def run_training(options):
+        seen.append(options)
+        return types.SimpleNamespace(trainer=types.SimpleNamespace(is_world_process_zero=lambda: False))
+
+    monkeypatch.setattr("llm_modules.training.run_training", run_training)
+    config = tmp_path / "mine.yaml"
+    config.write_text("subset: 0.5\nmax_steps: 7\n")
+    assert main(["train", "--dataset", str(dataset_file), "--preset", "paper", "--config", str(config), "--epochs", "2"]) == 0
+    assert main(["train", "--dataset", str(dataset_file)]) == 0
+    paper, plain = seen
+    assert (paper.subset, paper.max_steps, paper.epochs) == (0.5, -1, 2)  # config beats preset, flags beat both
+    assert (paper.lr_bridge, paper.loss_on, paper.patience, paper.large) == (1e-4, "all", 5, "Qwen/Qwen2-1.5B")
+    assert (plain.subset, plain.epochs, plain.loss_on) == (1.0, 3, "assistant")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--preset {paper}" in help_text and "30% of Bespoke-Stratos-17k" in help_text
+    assert "(default 1: every row; the paper: 0.3)" in help_text
 
 
 def test_train_rejects_unknown_config_keys(tiny_pair, dataset_file, tmp_path, capsys):

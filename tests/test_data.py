@@ -14,6 +14,8 @@ from llm_modules.data import (
     DEFAULT_SYSTEM_PROMPT,
     IGNORE_INDEX,
     DataCollatorForLLMModules,
+    DataFileError,
+    DatasetNotFoundError,
     EmptyDatasetError,
     InvalidRowError,
     build_dataset,
@@ -21,6 +23,7 @@ from llm_modules.data import (
     load_rows,
     prepare_datasets,
     render_prompt,
+    resolve_dataset_source,
 )
 
 
@@ -114,7 +117,8 @@ def test_invalid_rows_are_skipped_counted_and_named(tokenizer, caplog):
     for (expected, _), (_, reason) in zip(BAD_ROWS, report.invalid):
         assert expected in reason
     warning = caplog.text
-    assert "skipped 7 invalid rows" in warning and "row 2: not an object" in warning and "(and 2 more)" in warning
+    assert "9 rows read, 2 valid, 7 skipped (row 2: not an object (got list), row 3:" in warning
+    assert ", and 2 more); 2 examples" in warning
 
 
 def test_strict_stops_at_the_first_invalid_row_with_its_number(tokenizer):
@@ -130,8 +134,8 @@ def test_long_examples_are_filtered_and_an_empty_result_is_an_error(tokenizer, c
     with caplog.at_level(logging.WARNING, logger="llm_modules.data"):
         dataset, report = build_dataset([short, long, long], tokenizer, max_length=limit)
     assert len(dataset) == 1 and report.too_long == 2
-    assert "filtered 2 examples longer than max_length" in caplog.text
-    with pytest.raises(EmptyDatasetError, match="1 invalid, 2 longer than max_length"):
+    assert f"3 rows read, 3 valid; 2 over {limit} tokens dropped; 1 example" in caplog.text
+    with pytest.raises(EmptyDatasetError, match=rf"3 rows read, 2 valid, 1 skipped .*; 2 over {limit} tokens dropped"):
         build_dataset([long, long, 5], tokenizer, max_length=limit)
 
 
@@ -149,9 +153,9 @@ def test_load_rows_from_json_jsonl_parquet_and_a_directory(tmp_path):
 
 
 def test_unparsable_json_line_is_an_invalid_row(tmp_path, tokenizer):
-    (tmp_path / "d.jsonl").write_text(json.dumps(row()) + "\n{broken\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps(row()) + "\n\n{broken\n")  # line 3 is the second row
     _, report = build_dataset(load_rows(tmp_path / "d.jsonl"), tokenizer)
-    assert report.invalid[0][0] == 2 and "invalid JSON" in report.invalid[0][1]
+    assert report.invalid[0][0] == 2 and report.invalid[0][1].startswith("invalid JSON on line 3 (")
 
 
 def test_load_rows_errors_name_the_file(tmp_path):
@@ -180,12 +184,80 @@ def test_subset_and_split_are_drawn_once_from_the_seed(tokenizer):
         prepare_datasets(rows, tokenizer, subset=1.5)
 
 
-def test_subset_reports_original_row_numbers(tokenizer):
-    mixed = [row() if i % 2 else {"conversations": []} for i in range(20)]
-    _, _, report = prepare_datasets(mixed, tokenizer, subset=0.5, val_split=0.0, seed=0)
-    # Rows 1, 3, 5, ... (1-based) are the invalid ones; the subset must report them by their place in the source.
-    assert report.invalid and all(number % 2 == 1 for number, _ in report.invalid)
-    assert len({number for number, _ in report.invalid}) == len(report.invalid)
+def test_every_row_is_checked_before_the_subset_is_drawn_from_the_valid_ones(tokenizer, caplog):
+    rows = [row(question=f"question {i}") for i in range(47)]
+    rows[20:25] = [{"conversations": []}] * 5  # rows 21-25
+    with caplog.at_level(logging.INFO, logger="llm_modules.data"):
+        train, val, report = prepare_datasets(rows, tokenizer, subset=0.3, val_split=0.1, seed=0)
+    assert [number for number, _ in report.invalid] == [21, 22, 23, 24, 25]  # all of them, drawn or not
+    assert (report.valid, report.drawn, len(train), len(val)) == (42, 13, 12, 1)  # 30% of the 42 valid rows
+    assert report.summary() == (
+        "47 rows read, 42 valid, 5 skipped (row 21: 'conversations' is empty (expected a non-empty list of turns), "
+        "row 22: 'conversations' is empty (expected a non-empty list of turns), row 23: 'conversations' is empty "
+        "(expected a non-empty list of turns), row 24: 'conversations' is empty (expected a non-empty list of turns), "
+        "row 25: 'conversations' is empty (expected a non-empty list of turns)); subset 30%: 13; 12 train / 1 validation"
+    )
+    assert report.summary() in caplog.text
+    for seed in range(5):  # whichever rows the subset draws, --strict names the file's first invalid row
+        with pytest.raises(InvalidRowError, match=r"^row 21: 'conversations' is empty"):
+            prepare_datasets(rows, tokenizer, subset=0.3, seed=seed, strict=True)
+
+
+ROWS = [row(question="q1"), row(question="q2 \u2028 with a raw line separator, valid inside a JSON string")]
+JSONL = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS)
+EDITOR_FILES = {
+    "bom.jsonl": b"\xef\xbb\xbf" + JSONL.encode(),
+    "bom.json": b"\xef\xbb\xbf" + json.dumps(ROWS).encode(),
+    "crlf.jsonl": JSONL.replace("\n", "\r\n").encode(),
+    "bom-crlf-pretty.json": b"\xef\xbb\xbf" + json.dumps(ROWS, indent=2).replace("\n", "\r\n").encode(),
+    "blank-lines.jsonl": ("\n" + JSONL.replace("\n", "\n  \n", 1) + "\n\t\n").encode(),
+    "lines-in.json": JSONL.encode(),
+}
+
+
+@pytest.mark.parametrize("name", EDITOR_FILES)
+def test_local_files_read_as_datasets_reads_them(name, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(EDITOR_FILES[name])
+    assert load_rows(path) == ROWS
+    expected = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache"))
+    assert expected.to_list() == ROWS
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (JSONL.encode("utf-16"), r"bad.jsonl: UTF-16 or UTF-32 text; save it as UTF-8"),
+        (JSONL.encode("utf-16-le"), r"bad.jsonl: UTF-16 or UTF-32 text"),
+        (JSONL.encode() + '{"system": "café"}\n'.encode("latin-1"), r"bad.jsonl: not UTF-8 \(byte 0xe9 on line 3\)"),
+        (b'[{"conversations": []},\n {"conversations": [}]', r"bad.jsonl: not valid JSON \(line 2, column 21: Expecting value\)$"),
+    ],
+    ids=["utf-16", "utf-16-no-bom", "latin-1", "broken-array"],
+)
+def test_unreadable_files_fail_with_one_line_naming_the_file(tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    with pytest.raises(DataFileError, match=message):
+        load_rows(tmp_path / "bad.jsonl")
+
+
+def test_a_name_that_can_only_be_a_file_is_never_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stratos.jsonl").write_text(JSONL)
+    assert resolve_dataset_source("stratos.jsonl") == str(tmp_path / "stratos.jsonl")
+    typo = r"^dataset stratos.jsonll: no such file or directory \(did you mean stratos.jsonl\?\)$"
+    with pytest.raises(DatasetNotFoundError, match=typo):
+        load_rows("stratos.jsonll")
+    for name in ("rows.csv", "notes.txt", "data/rows.jsonl", "a/b/c", "./rows", "~/nowhere-at-all"):
+        with pytest.raises(DatasetNotFoundError, match="no such file or directory"):
+            resolve_dataset_source(name, "--dataset")
+    for hub_id in ("bespokelabs/Bespoke-Stratos-17k", "squad", "owner/Qwen2.5-Math-v1.5"):
+        assert resolve_dataset_source(hub_id) == hub_id
+
+
+def test_an_uncached_hub_dataset_fails_at_once_offline():
+    assert datasets.config.HF_HUB_OFFLINE  # conftest sets HF_HUB_OFFLINE
+    with pytest.raises(DatasetNotFoundError, match=r"^dataset nobody/no-such-dataset: not in the local cache and offline"):
+        load_rows("nobody/no-such-dataset")
 
 
 def test_collator_masks_labels_by_attention_not_by_pad_id(tokenizer):

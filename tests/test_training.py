@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm_modules import LLMModulesForCausalLM
+from llm_modules import LLMModulesForCausalLM, presets
 from llm_modules.data import prepare_datasets
 from llm_modules.training import (
     COMPLETE_MARKER,
@@ -24,6 +24,7 @@ from llm_modules.training import (
     complete_checkpoints,
     parameter_groups,
     train,
+    write_model_card,
 )
 
 TESTS = Path(__file__).parent
@@ -113,8 +114,11 @@ def test_training_keeps_the_large_model_frozen_and_saves_only_what_trains(tiny_p
 
     card = (out / "README.md").read_text()
     eval_loss = trainer.model_card["eval_loss"]
-    assert str(tiny_pair[0]) in card and str(tiny_pair[1]) in card and "bespokelabs/Bespoke-Stratos-17k" in card
-    assert f"Final validation loss: **{eval_loss:.4f}**" in card and "from_pretrained" in card
+    assert str(tiny_pair[0]) in card and str(tiny_pair[1]) in card and "from_pretrained" in card
+    # Datasets handed to train() with no description: the card says so, and never names the default dataset.
+    assert "- Data: not recorded" in card and "Stratos" not in card and '"subset"' not in card
+    assert "- Examples: 18 training, 6 validation." in card
+    assert f"Final validation loss: **{eval_loss:.4f}**" in card
 
     with pytest.raises(FileExistsError, match="--resume"):
         train(model, model.tokenizer, train_set, val_set, opts)
@@ -178,6 +182,42 @@ def test_too_many_nonfinite_steps_in_a_row_stop_training_without_touching_the_we
         train(model, model.tokenizer, train_set, None, options(tmp_path, max_steps=10, max_nonfinite_steps=3))
     # Skipped means skipped: no AdamW update, not even weight decay.
     assert all(torch.equal(before[k], v) for k, v in model.trained_state_dict().items())
+
+
+def test_model_card_describes_the_data_it_was_given(tiny_pair, tmp_path):
+    model = compose(tiny_pair)
+    rows = stratos_rows(10) + [{"conversations": []}]
+    _, _, report = prepare_datasets(rows, model.tokenizer, subset=0.5, val_split=0.2, seed=1)
+    options = TrainingOptions(output_dir=str(tmp_path), large=str(tiny_pair[0]), small=str(tiny_pair[1]))
+    card = write_model_card(tmp_path, options, data=report, train_examples=4, validation_examples=1).read_text()
+    assert "- Data: rows given in memory" in card
+    assert "- Rows: 11 rows read, 10 valid, 1 skipped (row 11: 'conversations' is empty" in card
+    assert "subset 50%: 5; 4 train / 1 validation" in card and "seed 1" in card
+    assert "datasets:" not in card and "base_model:" not in card  # local paths are no hub metadata
+    card = write_model_card(tmp_path, options, data="the demo's task rows", train_examples=7).read_text()
+    assert "- Data: the demo's task rows\n- Examples: 7 training, no validation." in card and "Stratos" not in card
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("epochs", 0), ("epochs", -1), ("max_steps", 0), ("lr_bridge", 0.0), ("lr_small", -5e-5), ("subset", 0),
+     ("subset", 1.5), ("val_split", 1.0), ("warmup", -1), ("warmup", 2.5), ("min_delta", -1e-4), ("max_length", 1),
+     ("batch_size", 0), ("patience", -1), ("epochs", float("nan")), ("epochs", True), ("seed", -1),
+     ("loss_on", "everything")],
+)
+def test_options_out_of_range_are_refused_by_the_rule_of_their_flag(name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be .*, got {value!r}$"):
+        TrainingOptions.from_dict({name: value})
+
+
+def test_options_take_numbers_written_as_text_and_the_paper_preset():
+    assert TrainingOptions.from_dict({"lr_bridge": "1e-4", "epochs": 2}).lr_bridge == 1e-4  # PyYAML reads 1e-4 as text
+    defaults, paper = TrainingOptions(), TrainingOptions.from_dict(presets.load("paper"))
+    assert (defaults.subset, defaults.epochs, defaults.loss_on) == (1.0, 3, "assistant")  # every row by default
+    assert (paper.subset, paper.max_length, paper.val_split, paper.lr_bridge, paper.lr_small, paper.max_grad_norm,
+            paper.batch_size, paper.epochs, paper.patience, paper.min_delta, paper.loss_on) == (
+        0.3, 4096, 0.1, 1e-4, 5e-5, 1.0, 1, 15, 5, 1e-4, "all")
+    assert presets.names() == ["paper"] and "30%" in presets.description("paper")
 
 
 def test_only_complete_checkpoints_are_resumed_from(tmp_path):

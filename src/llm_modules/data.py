@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import json
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,9 @@ from typing import Any
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from .presets import check_option
+from .sources import looks_like_path
 
 # Used when a row (or a chat request) brings no system prompt: the Bespoke-Stratos instruction, shortened.
 DEFAULT_SYSTEM_PROMPT = (
@@ -55,6 +61,9 @@ def render_prompt(messages: Sequence[dict[str, str]], system: str | None = None)
 
 DEFAULT_DATASET = "bespokelabs/Bespoke-Stratos-17k"
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+# A name ending in a dot and letters is a file name (`rows.jsonll`, `rows.csv`, `rows.txt`): a hub id's dots are in
+# version numbers (`Qwen2.5-Math`, `tulu-v2.5`), never before a final run of letters.
+FILE_NAME = re.compile(r"\.[A-Za-z]+$")
 # ShareGPT-style names some copies of the schema use for the same two roles.
 ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 IGNORE_INDEX = -100
@@ -75,28 +84,63 @@ class EmptyDatasetError(ValueError):
     """No example is left after skipping invalid rows and filtering long ones."""
 
 
+class DataFileError(ValueError):
+    """A local data file that cannot be read as rows: not UTF-8, a broken JSON array, a type we do not read."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset name that can only be a local path but does not exist, or a hub id not cached while offline."""
+
+
 @dataclass
 class DataReport:
-    """What happened to the source rows: how many were read, skipped as invalid, filtered as too long, kept."""
+    """What happened to the rows, from reading to the split, and where they came from (the model card shows it)."""
 
+    source: str | None = None  # a hub id or an absolute path; None: rows given in memory
+    split: str | None = None  # hub datasets: the split read
+    revision: str | None = None
     rows: int = 0
     invalid: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
+    subset: float = 1.0
+    drawn: int = 0  # valid rows in the subset
+    max_length: int | None = None
     too_long: int = 0
-    kept: int = 0
+    loss_on: str = "assistant"
+    seed: int | None = None  # of the subset and the split
     train: int = 0
     validation: int = 0
 
-    def lines(self) -> list[str]:
-        out = [f"{self.rows} rows read, {self.kept} kept"]
+    @property
+    def valid(self) -> int:
+        return self.rows - len(self.invalid)
+
+    @property
+    def kept(self) -> int:
+        """Examples left after the subset and the length filter."""
+        return self.drawn - self.too_long
+
+    def summary(self) -> str:
+        """One line: `47 rows read, 42 valid, 5 skipped (row 21: ..., row 22: ...); subset 30%: 13; 1 over 4096 tokens
+        dropped; 11 train / 1 validation` (the subset, dropped and split parts only when they apply)."""
+        read = f"{_count(self.rows, 'row')} read, {self.valid} valid"
         if self.invalid:
-            shown = "; ".join(f"row {row}: {reason}" for row, reason in self.invalid[:SHOWN_BAD_ROWS])
-            more = f" (and {len(self.invalid) - SHOWN_BAD_ROWS} more)" if len(self.invalid) > SHOWN_BAD_ROWS else ""
-            out.append(f"skipped {len(self.invalid)} invalid rows: {shown}{more}")
+            shown = ", ".join(f"row {row}: {reason}" for row, reason in self.invalid[:SHOWN_BAD_ROWS])
+            more = f", and {len(self.invalid) - SHOWN_BAD_ROWS} more" if len(self.invalid) > SHOWN_BAD_ROWS else ""
+            read += f", {len(self.invalid)} skipped ({shown}{more})"
+        parts = [read]
+        if self.subset < 1:
+            parts.append(f"subset {self.subset * 100:g}%: {self.drawn}")
         if self.too_long:
-            out.append(f"filtered {self.too_long} examples longer than max_length")
+            parts.append(f"{self.too_long} over {self.max_length} tokens dropped")
         if self.train or self.validation:
-            out.append(f"split: {self.train} train, {self.validation} validation")
-        return out
+            parts.append(f"{self.train} train / {self.validation} validation")
+        else:
+            parts.append(_count(self.kept, "example"))
+        return "; ".join(parts)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 @dataclass(frozen=True)
@@ -182,6 +226,43 @@ def encode_conversation(row: Any, tokenizer: PreTrainedTokenizerBase, loss_on: s
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 
+def check_rows(rows: Sequence[Any], strict: bool = False) -> tuple[list[int], list[tuple[int, str]]]:
+    """(positions of the valid rows, `(row number, reason)` of the invalid ones), every row looked at.
+
+    With `strict` the first invalid row raises `InvalidRowError` carrying its 1-based row number.
+    """
+    valid, invalid = [], []
+    for position, row in enumerate(rows):
+        try:
+            conversation_turns(row)
+        except InvalidRowError as error:
+            if strict:
+                raise InvalidRowError(error.reason, position + 1) from None
+            invalid.append((position + 1, error.reason))
+        else:
+            valid.append(position)
+    return valid, invalid
+
+
+def _examples(
+    rows: Sequence[Any], report: DataReport, positions: list[int], tokenizer: PreTrainedTokenizerBase
+) -> datasets.Dataset:
+    """The valid rows at `positions`, encoded; examples longer than `report.max_length` are dropped and counted in
+    `report`. Raises `EmptyDatasetError` when nothing is left."""
+    report.drawn = len(positions)
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for position in positions:
+        example = encode_conversation(rows[position], tokenizer, report.loss_on)
+        if report.max_length is not None and len(example["input_ids"]) > report.max_length:
+            report.too_long += 1
+            continue
+        for key in columns:
+            columns[key].append(example[key])
+    if report.kept == 0:
+        raise EmptyDatasetError(f"no usable examples: {report.summary()}")
+    return datasets.Dataset.from_dict(columns)
+
+
 def build_dataset(
     rows: Sequence[Any],
     tokenizer: PreTrainedTokenizerBase,
@@ -189,97 +270,126 @@ def build_dataset(
     max_length: int | None = 4096,
     loss_on: str = "assistant",
     strict: bool = False,
-    row_numbers: Sequence[int] | None = None,
 ) -> tuple[datasets.Dataset, DataReport]:
     """Tokenize rows (a list of dicts or a `datasets.Dataset`) into a `datasets.Dataset` of input_ids/attention_mask/labels.
 
-    Invalid rows are skipped and counted (logged with the first few row numbers and reasons); with `strict` the first
-    one raises `InvalidRowError`. Examples longer than `max_length` tokens are filtered and counted. `row_numbers`
-    are the rows' 1-based numbers in their source (default: 1, 2, ...). Raises `EmptyDatasetError` when nothing is left.
+    Every row is checked first: invalid rows are skipped and counted (a warning names the first few); with `strict`
+    the first one raises `InvalidRowError`. Examples longer than `max_length` tokens are dropped and counted.
+    Raises `EmptyDatasetError` when nothing is left.
     """
-    report = DataReport()
-    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for position, row in enumerate(rows):
-        number = row_numbers[position] if row_numbers is not None else position + 1
-        report.rows += 1
-        try:
-            example = encode_conversation(row, tokenizer, loss_on)
-        except InvalidRowError as error:
-            if strict:
-                raise InvalidRowError(error.reason, number) from None
-            report.invalid.append((number, error.reason))
-            continue
-        if max_length is not None and len(example["input_ids"]) > max_length:
-            report.too_long += 1
-            continue
-        for key in columns:
-            columns[key].append(example[key])
-    report.kept = len(columns["input_ids"])
-    if report.invalid:
-        logger.warning(report.lines()[1])
-    if report.too_long:
-        logger.warning(f"filtered {report.too_long} examples longer than max_length={max_length} tokens")
-    if report.kept == 0:
-        raise EmptyDatasetError(
-            f"no usable examples: {report.rows} rows, {len(report.invalid)} invalid, {report.too_long} longer than "
-            f"max_length={max_length}"
-        )
-    return datasets.Dataset.from_dict(columns), report
+    report = DataReport(rows=len(rows), max_length=max_length, loss_on=loss_on)
+    valid, report.invalid = check_rows(rows, strict)
+    dataset = _examples(rows, report, valid, tokenizer)
+    if report.invalid or report.too_long:
+        logger.warning(report.summary())
+    return dataset, report
+
+
+def resolve_dataset_source(name: str | os.PathLike, what: str = "dataset") -> str:
+    """The absolute path of a local dataset file or directory, or `name` unchanged when it can only be a hub id.
+
+    Raises `DatasetNotFoundError` (naming the closest file name in that folder, if any) when `name` does not exist
+    but can only be a path: `sources.looks_like_path` says so, or it ends in a file suffix (`.jsonll`, `.csv`; see
+    `FILE_NAME`). Without this, `datasets` would ask the hub for it, retrying for half a minute.
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if not (looks_like_path(text) or FILE_NAME.search(text)):
+        return text
+    folder = path.parent
+    close = difflib.get_close_matches(path.name, [p.name for p in folder.iterdir()], n=1, cutoff=0.8) if folder.is_dir() else []
+    hint = f" (did you mean {folder / close[0]}?)" if close else ""
+    raise DatasetNotFoundError(f"{what} {text}: no such file or directory{hint}")
 
 
 def load_rows(source: str | os.PathLike, split: str = "train", revision: str | None = None) -> Sequence[Any]:
-    """Rows of a hub dataset id (via `datasets.load_dataset`) or of a local .json/.jsonl/.parquet file or directory.
+    """Rows of a local .json/.jsonl/.parquet file or directory of them, or of a hub dataset id (`datasets.load_dataset`).
 
-    Local JSON is parsed with the `json` module, not `datasets`, because Arrow needs one schema and would refuse the
-    whole file over one malformed row; the bad-row policy needs each row as it is. A line of JSON Lines that does not
-    parse becomes a row that `build_dataset` reports as invalid.
+    Local JSON reads as `datasets.load_dataset("json")` reads it: UTF-8 with or without a BOM, LF or CRLF line ends,
+    blank lines ignored, a JSON array or JSON Lines whatever the suffix. It is parsed with the `json` module, not
+    `datasets`, because Arrow needs one schema and would refuse the whole file over one malformed row; the bad-row
+    policy needs each row as it is. A line of JSON Lines that does not parse becomes a row that is reported as invalid.
+
+    Raises `DatasetNotFoundError` for a missing path (see `resolve_dataset_source`) or a hub id that is not cached
+    while offline (`HF_HUB_OFFLINE`), `DataFileError` for a file that cannot be read as rows.
     """
-    path = Path(source)
+    name = resolve_dataset_source(source)
+    path = Path(name)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
         if not files:
-            raise FileNotFoundError(f"no .json, .jsonl or .parquet files in dataset directory {path}")
+            raise DatasetNotFoundError(f"no .json, .jsonl or .parquet files in dataset directory {path}")
         rows: list[Any] = []
         for file in files:
             rows.extend(_read_local_file(file))
         return rows
     if path.is_file():
         return _read_local_file(path)
-    if path.suffix in LOCAL_SUFFIXES or path.is_absolute() or str(source).startswith("."):
-        raise FileNotFoundError(f"dataset file or directory not found: {path}")
-    return datasets.load_dataset(str(source), split=split, revision=revision)
+    try:
+        return datasets.load_dataset(name, split=split, revision=revision)
+    except ConnectionError as error:  # what `datasets` raises offline for a dataset it has not cached
+        if not datasets.config.HF_HUB_OFFLINE:
+            raise
+        raise DatasetNotFoundError(
+            f"dataset {name}: not in the local cache and offline mode is on (HF_HUB_OFFLINE); download it once with "
+            f"network access, or give a local .json, .jsonl or .parquet file"
+        ) from error
 
 
 def _read_local_file(path: Path) -> Sequence[Any]:
     if path.suffix not in LOCAL_SUFFIXES:
-        raise ValueError(f"{path}: unsupported dataset file type {path.suffix!r} (expected .json, .jsonl or .parquet)")
+        raise DataFileError(f"{path}: unsupported dataset file type {path.suffix!r} (expected .json, .jsonl or .parquet)")
     if path.suffix == ".parquet":
         try:
             return datasets.Dataset.from_parquet(str(path))
         except Exception as error:
-            raise ValueError(f"cannot read {path} as Parquet: {error}") from error
+            raise DataFileError(f"cannot read {path} as Parquet: {error}") from error
+    text = _utf8_text(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
-    if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            data = None  # maybe JSON Lines under a .json name, as `datasets` also accepts
-        if data is not None:
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: expected a JSON array of rows (or JSON Lines), got a {type(data).__name__}")
-            return data
-    rows = []
-    for line in text.splitlines():
+        whole = json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):  # an array with a mistake: its lines are no rows of their own
+            raise DataFileError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+        whole = None  # JSON Lines
+    if isinstance(whole, list):
+        return whole
+    if whole is not None and path.suffix == ".json":
+        raise DataFileError(f"{path}: expected a JSON array of rows (or JSON Lines), got a {type(whole).__name__}")
+    rows: list[Any] = []
+    # Split on "\n" only: str.splitlines would also split at U+2028, \x0b, \x85 ..., which JSON strings may hold raw.
+    # A CRLF line keeps its "\r", which JSON ignores as whitespace.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as error:
-            rows.append(_UnparsableLine(f"invalid JSON ({error})"))
+            rows.append(_UnparsableLine(f"invalid JSON on line {number} ({error.msg}, column {error.colno})"))
     return rows
+
+
+def _utf8_text(path: Path) -> str:
+    """The text of a UTF-8 file, a leading BOM dropped, as `datasets` reads JSON (it refuses UTF-16 too).
+
+    Raises `DataFileError` for a file that cannot be read or is not UTF-8, naming the file, the encoding problem and
+    its line.
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise DataFileError(f"cannot read {path}: {error.strerror}") from None
+    # JSON text never holds a NUL byte; UTF-16 and UTF-32 text of ASCII characters always does.
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\x00" in raw[:4096]:
+        raise DataFileError(f"{path}: UTF-16 or UTF-32 text; save it as UTF-8 (as `datasets` also needs)")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataFileError(
+            f"{path}: not UTF-8 (byte 0x{raw[error.start]:02x} on line {line}); save it as UTF-8 (as `datasets` also needs)"
+        ) from None
 
 
 def prepare_datasets(
@@ -295,35 +405,49 @@ def prepare_datasets(
     split: str = "train",
     revision: str | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, DataReport]:
-    """Load, draw the subset, tokenize, filter and split once: `(train, validation or None, report)`.
+    """Read and check every row, draw the subset, tokenize, drop long examples, split once: `(train, validation or
+    None, report)`; the report's summary is logged.
 
-    `source` is a hub id, a local file or dir (see `load_rows`) or rows already in memory. The subset (a fraction of
-    the rows) and the validation split (a fraction of the kept examples) are drawn once from `seed`, so the same
-    arguments always give the same split; the paper's code re-drew them and validated on trained examples.
+    `source` is a hub id, a local file or dir (see `load_rows`) or rows already in memory. Every row is checked before
+    anything is drawn, so the counts cover the whole source and `strict` stops at its first invalid row. The subset
+    (a fraction of the valid rows) and the validation split (a fraction of the kept examples) are drawn once from
+    `seed`, so the same arguments always give the same split; the paper's code re-drew them and validated on
+    trained examples.
+
+    Raises `ValueError` for a subset or val_split out of range, `InvalidRowError` (strict), `EmptyDatasetError`, and
+    the errors of `load_rows`.
     """
-    if not 0 < subset <= 1:
-        raise ValueError(f"subset must be a fraction in (0, 1], got {subset}")
-    if not 0 <= val_split < 1:
-        raise ValueError(f"val_split must be a fraction in [0, 1), got {val_split}")
-    rows = load_rows(source, split, revision) if isinstance(source, (str, os.PathLike)) else source
-    indices = list(range(len(rows)))
-    if subset < 1:
-        indices = sorted(random.Random(seed).sample(indices, max(1, round(len(indices) * subset))))
-        rows = rows.select(indices) if isinstance(rows, datasets.Dataset) else [rows[i] for i in indices]
-    dataset, report = build_dataset(
-        rows, tokenizer, max_length=max_length, loss_on=loss_on, strict=strict, row_numbers=[i + 1 for i in indices]
-    )
+    for name, value in (("subset", subset), ("val_split", val_split)):
+        try:
+            check_option(name, value)
+        except ValueError as error:
+            raise ValueError(f"{name} {error}") from None
+    report = DataReport(subset=subset, max_length=max_length, loss_on=loss_on, seed=seed)
+    if isinstance(source, (str, os.PathLike)):
+        report.source = resolve_dataset_source(source)
+        if not Path(report.source).exists():
+            report.split, report.revision = split, revision
+        rows = load_rows(report.source, split, revision)
+    else:
+        rows = source
+    report.rows = len(rows)
+    valid, report.invalid = check_rows(rows, strict)
+    if subset < 1 and valid:
+        valid = sorted(random.Random(seed).sample(valid, max(1, round(len(valid) * subset))))
+    dataset = _examples(rows, report, valid, tokenizer)
     n_val = round(len(dataset) * val_split)
     if val_split > 0 and len(dataset) >= 2:
         n_val = max(1, n_val)
+    if n_val >= len(dataset) and n_val > 0:
+        raise EmptyDatasetError(f"val_split={val_split} leaves no training example: {report.summary()}")
     if n_val == 0:
-        report.train = len(dataset)
-        return dataset, None, report
-    if n_val >= len(dataset):
-        raise EmptyDatasetError(f"val_split={val_split} leaves no training example out of {len(dataset)}")
-    parts = dataset.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-    report.train, report.validation = len(parts["train"]), len(parts["test"])
-    return parts["train"], parts["test"], report
+        train, validation = dataset, None
+    else:
+        parts = dataset.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+        train, validation = parts["train"], parts["test"]
+    report.train, report.validation = len(train), len(validation) if validation is not None else 0
+    logger.log(logging.WARNING if report.invalid or report.too_long else logging.INFO, report.summary())
+    return train, validation, report
 
 
 # ---- batches -----------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Training a combined model with `transformers.Trainer`: parameter groups, checkpoints, resume, non-finite losses.
 
-`TrainingOptions` holds every option of `llm-modules train` with the paper's defaults; `run_training(options)` does
-the whole run (load the pair, prepare Bespoke-Stratos, optionally cache the frozen features, train, save, model card);
-`train(model, tokenizer, train_dataset, eval_dataset, options)` trains a model you already have.
+`TrainingOptions` holds every option of `llm-modules train` (the paper's settings are the `paper` preset, see
+`llm_modules.presets`); `run_training(options)` does the whole run (load the pair, prepare the data, optionally cache
+the frozen features, train, save, model card); `train(model, tokenizer, train_dataset, eval_dataset, options)` trains a
+model you already have.
 
 What we add to the Trainer, and why:
 - two AdamW learning rates (bridge 1e-4, small model and head 5e-5, as in the paper); the frozen model is in no group;
@@ -29,8 +30,10 @@ import torch
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, load_rows, prepare_datasets
+from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, prepare_datasets, resolve_dataset_source
 from .modeling import WEIGHTS_NAME, LLMModulesForCausalLM
+from .presets import CHOICES, LIMITS, check_option
+from .sources import ModelSourceError, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 OPTIONS_NAME = "training_options.json"
 # Options that decide which examples are trained on, in which order: a resumed run must not change them.
 DATA_OPTIONS = ("large", "small", "dataset", "max_length", "subset", "val_split", "seed", "loss_on", "batch_size", "grad_accum")
+# Options only `prepare_datasets` reads: the model card takes them from the data's `DataReport`, not from the options.
+DATA_PREPARATION = ("dataset", "dataset_split", "dataset_revision", "max_length", "subset", "val_split", "loss_on", "strict")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,10 +51,12 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainingOptions:
-    """Everything `llm-modules train` takes, with the paper's settings as defaults (DESIGN.md).
+    """Everything `llm-modules train` takes. The defaults use every row of the data; the paper's run (a 30% subset,
+    15 epochs, loss on every token) is the `paper` preset (`llm_modules.presets.load("paper")`).
 
     `model_options` are `LLMModulesConfig` options (e.g. `cross_attention_heads`, `dropout`); `trainer_args` are
-    passed to `transformers.TrainingArguments` as they are and override what these options set.
+    passed to `transformers.TrainingArguments` as they are and override what these options set. Numbers and choices
+    are checked on construction by the rules the command line checks its flags with (`presets.LIMITS`, `CHOICES`).
     """
 
     output_dir: str = "llm-modules-stratos"
@@ -63,13 +70,13 @@ class TrainingOptions:
     trust_remote_code: bool = False
     # data
     max_length: int = 4096
-    subset: float = 0.3
+    subset: float = 1.0  # every row; the paper used 0.3
     val_split: float = 0.1
     seed: int = 42
     loss_on: str = "assistant"  # "all" reproduces the paper
     strict: bool = False
     # optimization
-    epochs: float = 15
+    epochs: float = 3  # TrainingArguments' default; the paper trained 15 epochs on its 30% subset
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 1
     grad_accum: int = 1
@@ -96,6 +103,14 @@ class TrainingOptions:
     hub_model_id: str | None = None
     report_to: str | list[str] = "auto"  # auto: TensorBoard when installed
     trainer_args: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Raises `ValueError` ("epochs must be a number > 0, got 0") for a value that breaks its option's rule."""
+        for name in (*LIMITS, *CHOICES):
+            try:
+                setattr(self, name, check_option(name, getattr(self, name)))
+            except ValueError as error:
+                raise ValueError(f"{name} {error}") from None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainingOptions":
@@ -409,12 +424,16 @@ def train(
     eval_dataset,
     options: TrainingOptions,
     callbacks: list[TrainerCallback] | None = None,
-    model_card: dict[str, Any] | None = None,
+    data: DataReport | str | None = None,
 ) -> LLMModulesTrainer:
     """Train (resuming from the newest complete checkpoint if `options.resume`), save the final model (the best one
     when there is a validation set) to `options.output_dir` with a model card, and return the trainer.
 
-    The saved dir loads with `LLMModulesForCausalLM.from_pretrained(options.output_dir)`.
+    `data` tells the model card what the datasets hold: the `DataReport` of `prepare_datasets` (as `run_training`
+    passes it) or a one-line description. Without it the card says the data was not recorded: the data options of
+    `options` (`dataset`, `subset`, ...) describe nothing here, `prepare_datasets` alone reads them. The saved dir
+    loads with `LLMModulesForCausalLM.from_pretrained(options.output_dir)`. Raises `FileExistsError` when a fresh
+    run would write into another run's checkpoints.
     """
     output_dir = Path(options.output_dir)
     checkpoint = None
@@ -422,7 +441,11 @@ def train(
         checkpoint = checkpoint_to_resume(output_dir)
     else:
         refuse_to_mix_runs(output_dir)
-    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, options, callbacks, model_card)
+    card = {
+        "options": options, "data": data, "train_examples": len(train_dataset),
+        "validation_examples": len(eval_dataset) if eval_dataset is not None else 0,
+    }
+    trainer = build_trainer(model, tokenizer, train_dataset, eval_dataset, options, callbacks, card)
     if trainer.args.should_save:
         for leftover in incomplete_checkpoints(output_dir):
             logger.warning(f"removing {leftover}: its save never finished")
@@ -433,7 +456,6 @@ def train(
     trained = trainer._trained_model()
     trainer.model_card = {
         **trainer.model_card,
-        "options": options,
         "large": trained.config.large_model_name_or_path,
         "small": trained.config.small_model_name_or_path,
         "eval_loss": metrics.get("eval_loss"),
@@ -454,17 +476,8 @@ class TrainingResult:
     output_dir: Path
 
 
-def check_model_paths(options: TrainingOptions) -> None:
-    """A name that is clearly a local path (absolute or starting with '.') must exist; anything else may be a hub id."""
-    for name, source in (("large", options.large), ("small", options.small)):
-        path = Path(source)
-        if (path.is_absolute() or source.startswith(".")) and not path.exists():
-            raise FileNotFoundError(f"--{name} {source}: no such directory")
-
-
 def load_model_for_training(options: TrainingOptions) -> LLMModulesForCausalLM:
     """Compose the pair named in `options`: the frozen model in the training precision on GPU, fp32 on CPU."""
-    check_model_paths(options)
     large_dtype = options.large_dtype
     if large_dtype == "auto":
         large_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[resolve_precision(options.precision)]
@@ -473,6 +486,8 @@ def load_model_for_training(options: TrainingOptions) -> LLMModulesForCausalLM:
             options.large, options.small, large_dtype=large_dtype, small_init=options.small_init,
             trust_remote_code=options.trust_remote_code, **options.model_options,
         )
+    except ModelSourceError:
+        raise  # already one line naming the argument
     except OSError as error:
         raise OSError(f"cannot load --large {options.large} / --small {options.small}: {error}") from error
 
@@ -489,23 +504,31 @@ def check_resume_options(options: TrainingOptions) -> None:
 
 
 def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | None = None) -> TrainingResult:
-    """The whole run of `llm-modules train`: compose the pair, prepare the data, cache features if asked, train, save."""
+    """The whole run of `llm-modules train`: compose the pair, prepare the data, cache features if asked, train, save.
+
+    Local paths in `large`, `small` and `dataset` are made absolute first, so training_options.json and the model
+    card name them wherever the model is used from. Raises `sources.ModelSourceError` or `data.DatasetNotFoundError`
+    at once for a path that is missing (or not a model), then the errors of `prepare_datasets` and `train`.
+    """
     from transformers import set_seed
 
+    options = dataclasses.replace(
+        options,
+        large=resolve_model_source(options.large, "--large"),
+        small=resolve_model_source(options.small, "--small"),
+        dataset=resolve_dataset_source(options.dataset, "--dataset"),
+    )
     if options.resume:
         check_resume_options(options)
     else:
         refuse_to_mix_runs(options.output_dir)
     # The data first: a bad row or a missing file should not wait for minutes of model loading.
-    check_model_paths(options)
     tokenizer = AutoTokenizer.from_pretrained(options.large, trust_remote_code=options.trust_remote_code)
-    rows = load_rows(options.dataset, options.dataset_split, options.dataset_revision)
     train_dataset, eval_dataset, report = prepare_datasets(
-        rows, tokenizer, max_length=options.max_length, subset=options.subset, val_split=options.val_split,
-        seed=options.seed, loss_on=options.loss_on, strict=options.strict,
+        options.dataset, tokenizer, max_length=options.max_length, subset=options.subset, val_split=options.val_split,
+        seed=options.seed, loss_on=options.loss_on, strict=options.strict, split=options.dataset_split,
+        revision=options.dataset_revision,
     )
-    for line in report.lines():
-        logger.info(line)
     set_seed(options.seed)  # the bridge and head are initialized from it
     model = load_model_for_training(options)
     args_for_ranks = training_arguments(options, has_eval=eval_dataset is not None)
@@ -520,8 +543,7 @@ def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | No
     if args_for_ranks.should_save:
         Path(options.output_dir).mkdir(parents=True, exist_ok=True)
         write_atomic(Path(options.output_dir) / OPTIONS_NAME, json.dumps(options.to_dict(), indent=2, default=str) + "\n")
-    card = {"report": report, "options": options}
-    trainer = train(model, tokenizer, train_dataset, eval_dataset, options, callbacks, card)
+    trainer = train(model, tokenizer, train_dataset, eval_dataset, options, callbacks, report)
     return TrainingResult(trainer, report, trainer.model_card.get("eval_loss"), Path(options.output_dir))
 
 
@@ -533,28 +555,39 @@ def write_model_card(
     options: TrainingOptions | None = None,
     large: str | None = None,
     small: str | None = None,
-    report: DataReport | None = None,
+    data: DataReport | str | None = None,
+    train_examples: int | None = None,
+    validation_examples: int | None = None,
     eval_loss: float | None = None,
     steps: int | None = None,
     skipped_nonfinite_steps: int = 0,
 ) -> Path:
-    """README.md of a trained model: the two base models, the data, the settings, the final validation loss, loading.
+    """README.md of a trained model: the two base models, what it was trained on, the settings, the final validation
+    loss, how to load it.
 
-    `large` and `small` name the base models (default: those in `options`).
+    `data` is the `DataReport` of the training data or a one-line description; None: the card says the data was not
+    recorded (it never assumes the default dataset of `options`). `large` and `small` name the base models (default:
+    those in `options`); the hub metadata lists only names that are hub ids, not local paths.
     """
     options = options or TrainingOptions(output_dir=str(output_dir))
     large, small = large or options.large, small or options.small
     loss = f"{eval_loss:.4f}" if eval_loss is not None and math.isfinite(eval_loss) else "not measured (no validation split)"
-    data = ""
-    if report is not None:
-        data = f"{report.rows} rows read, {len(report.invalid)} invalid rows skipped, {report.too_long} longer than " \
-               f"{options.max_length} tokens filtered; {report.train} training and {report.validation} validation examples."
-    settings = {k: v for k, v in options.to_dict().items() if k not in ("output_dir", "trainer_args", "large", "small") and v not in (None, {}, [])}
+    hub_models = [name for name in (large, small) if not os.path.isabs(name)]
+    metadata = ["library_name: llm-modules", "tags: [llm-modules, cross-attention, knowledge-transfer]"]
+    if isinstance(data, DataReport) and data.split is not None:
+        metadata.append(f"datasets: [{data.source}]")
+    if hub_models:
+        metadata.append(f"base_model: [{', '.join(hub_models)}]")
+    examples = ""
+    if train_examples is not None:
+        examples = f"\n- Examples: {train_examples} training, {validation_examples or 'no'} validation."
+    settings = {
+        k: v for k, v in options.to_dict().items()
+        if k not in ("output_dir", "large", "small", *DATA_PREPARATION) and v not in (None, {}, [])
+    }
+    newline = "\n"
     card = f"""---
-library_name: llm-modules
-tags: [llm-modules, cross-attention, knowledge-transfer]
-datasets: [{options.dataset}]
-base_model: [{large}, {small}]
+{newline.join(metadata)}
 ---
 
 # LLM Modules: {Path(small).name} wired to a frozen {Path(large).name}
@@ -566,8 +599,7 @@ small model, head) and the configs; the frozen model is loaded from `{large}`.
 
 ## Training
 
-- Data: `{options.dataset}` (split `{options.dataset_split}`), subset {options.subset}, validation split {options.val_split},
-  seed {options.seed}, loss on {options.loss_on} tokens, EOS trained. {data}
+{_describe_data(data)}{examples}
 - Steps: {steps if steps is not None else "?"}; non-finite steps skipped: {skipped_nonfinite_steps}.
 - Final validation loss: **{loss}**
 
@@ -595,3 +627,21 @@ or `llm-modules generate --model DIR --prompt "What is 2 + 3?"`.
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, card)
     return path
+
+
+def _describe_data(data: DataReport | str | None) -> str:
+    """The model card's lines on the training data."""
+    if data is None:
+        return "- Data: not recorded (the datasets were given to `llm_modules.training.train` already prepared)."
+    if isinstance(data, str):
+        return f"- Data: {data}"
+    if data.source is None:
+        source = "rows given in memory (no file or hub id recorded)"
+    elif data.split is not None:
+        revision = f", revision `{data.revision}`" if data.revision else ""
+        source = f"`{data.source}` (hub dataset, split `{data.split}`{revision})"
+    else:
+        source = f"`{data.source}`"
+    limit = f"examples over {data.max_length} tokens dropped" if data.max_length is not None else "no length limit"
+    drawn = f"; subset and split drawn once with seed {data.seed}" if data.seed is not None else ""
+    return f"- Data: {source}\n- Rows: {data.summary()}\n- Loss on {data.loss_on} tokens and EOS; {limit}{drawn}."

@@ -4,47 +4,66 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .common import UsageError, int_at_least
+from .. import presets
+from .common import UsageError
+
+
+def option(name: str) -> Callable[[str], Any]:
+    """argparse type for the training option `name`: its rule in `presets.LIMITS`, the one `TrainingOptions` checks
+    config values with. argparse names the flag and exits 2 on a value that breaks it."""
+    def parse(text: str) -> Any:
+        try:
+            return presets.check_option(name, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = name
+    return parse
 
 
 def add_train(subparsers) -> None:
+    preset_help = "; ".join(f"{name}: {presets.description(name)}" for name in presets.names()).replace("%", "%%")
     parser = subparsers.add_parser(
         "train",
         help="train the bridge and the small model on Bespoke-Stratos-17k (or local files in its schema)",
-        description="Train a combined model with transformers.Trainer. Defaults are the paper's settings; a --config "
-        "YAML/JSON file may hold the same keys (with underscores) and any TrainingArguments field; flags win over it. "
-        "Runs unchanged under torchrun and accelerate launch.",
+        description="Train a combined model with transformers.Trainer on every row of the data (--preset paper: the "
+        "paper's run). A --config YAML/JSON file may hold the same keys (with underscores) and any TrainingArguments "
+        "field; it wins over the preset, and flags win over both. Runs unchanged under torchrun and accelerate launch.",
         argument_default=argparse.SUPPRESS,  # only what the user gives overrides the config file and the defaults
     )
     add = parser.add_argument
+    add("--preset", choices=presets.names(), help=f"start from settings shipped with the package ({preset_help})")
     add("--config", help="YAML or JSON file of training options")
     add("--large", help="hub id or dir of the frozen large model (default: Qwen/Qwen2-1.5B)")
     add("--small", help="hub id or dir of the small model (default: EleutherAI/gpt-neo-125M)")
     add("--dataset", help="hub id, or a local .json/.jsonl/.parquet file or dir (default: bespokelabs/Bespoke-Stratos-17k)")
-    add("--output-dir", help="where checkpoints, the final model and its model card go")
+    add("--output-dir", help="where checkpoints, the final model and its model card go (default: llm-modules-stratos)")
     steps = parser.add_mutually_exclusive_group()
-    steps.add_argument("--epochs", type=float, help="epochs (default 15)")
-    steps.add_argument("--max-steps", type=int_at_least(1), help="optimizer steps, instead of epochs")
-    add("--batch-size", type=int_at_least(1), help="examples per device and step (default 1)")
-    add("--grad-accum", type=int_at_least(1), help="gradient accumulation steps (default 1)")
-    add("--lr-bridge", type=float, help="learning rate of the bridge (default 1e-4)")
-    add("--lr-small", type=float, help="learning rate of the small model and the head (default 5e-5)")
-    add("--warmup", type=float, help="warmup steps, or a fraction of all steps if < 1 (default 0)")
-    add("--max-length", type=int_at_least(2), help="drop longer examples, in large-model tokens (default 4096)")
-    add("--subset", type=float, help="random fraction of the rows to use (default 0.3, as the paper)")
-    add("--val-split", type=float, help="validation fraction (default 0.1)")
-    add("--seed", type=int, help="seed of the subset, the split, the init and the data order (default 42)")
+    steps.add_argument("--epochs", type=option("epochs"), help="epochs, > 0 (default 3; the paper: 15)")
+    steps.add_argument("--max-steps", type=option("max_steps"), help="optimizer steps, instead of epochs")
+    add("--batch-size", type=option("batch_size"), help="examples per device and step (default 1)")
+    add("--grad-accum", type=option("grad_accum"), help="gradient accumulation steps (default 1)")
+    add("--lr-bridge", type=option("lr_bridge"), help="learning rate of the bridge, > 0 (default 1e-4)")
+    add("--lr-small", type=option("lr_small"), help="learning rate of the small model and the head, > 0 (default 5e-5)")
+    add("--warmup", type=option("warmup"), help="warmup steps, or a fraction of all steps if < 1 (default 0)")
+    add("--max-length", type=option("max_length"), help="drop longer examples, in large-model tokens (default 4096)")
+    add("--subset", type=option("subset"), help="random fraction in (0, 1] of the valid rows to train on "
+        "(default 1: every row; the paper: 0.3)")
+    add("--val-split", type=option("val_split"), help="validation fraction in [0, 1) (default 0.1)")
+    add("--seed", type=option("seed"), help="seed of the subset, the split, the init and the data order (default 42)")
     add("--strict", action="store_true", help="stop at the first invalid row instead of skipping it")
-    add("--loss-on", choices=["assistant", "all"], help="tokens in the loss (default assistant; all = the paper)")
-    add("--small-init", choices=["pretrained", "scratch"], help="start the small model pretrained or random")
-    add("--save-steps", type=int_at_least(1), help="evaluate and checkpoint every N steps (default: every epoch)")
-    add("--save-total-limit", type=int_at_least(1), help="checkpoints kept besides the best (default 2)")
-    add("--logging-steps", type=int_at_least(1), help="log every N steps (default 10)")
-    add("--patience", type=int_at_least(0), help="early stopping patience in evaluations, 0 = off (default 5)")
-    add("--min-delta", type=float, help="smallest validation loss improvement that counts (default 1e-4)")
-    add("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    add("--loss-on", choices=presets.CHOICES["loss_on"], help="tokens in the loss (default assistant; all = the paper)")
+    add("--small-init", choices=presets.CHOICES["small_init"], help="start the small model pretrained (default) or random")
+    add("--save-steps", type=option("save_steps"), help="evaluate and checkpoint every N steps (default: every epoch)")
+    add("--save-total-limit", type=option("save_total_limit"), help="checkpoints kept besides the best (default 2)")
+    add("--logging-steps", type=option("logging_steps"), help="log every N steps (default 10)")
+    add("--patience", type=option("patience"), help="early stopping patience in evaluations, 0 = off (default 5)")
+    add("--min-delta", type=option("min_delta"), help="smallest validation loss improvement that counts (default 1e-4)")
+    add("--precision", choices=presets.CHOICES["precision"], help="auto (default): bf16/fp16 on GPU, fp32 on CPU")
     add("--gradient-checkpointing", action="store_true", help="recompute the small model's activations in backward")
     add("--feature-cache", metavar="DIR", help="compute the frozen model's hidden states once, keep them in DIR")
     add("--resume", action="store_true", help="continue from the newest complete checkpoint in --output-dir")
@@ -54,23 +73,32 @@ def add_train(subparsers) -> None:
     parser.set_defaults(handler=run_train)
 
 
+def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Option mappings merged, later ones winning; a layer that sets `epochs` also drops an earlier `max_steps` (which
+    would otherwise beat it)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if "epochs" in layer:
+            merged.pop("max_steps", None)
+        merged.update(layer)
+    return merged
+
+
 def run_train(args: argparse.Namespace) -> None:
     import logging
 
-    from .data import EmptyDatasetError, InvalidRowError
-    from .feature_cache import FeatureCacheMismatch
-    from .training import TrainingOptions, run_training
+    from ..data import DataFileError, EmptyDatasetError, InvalidRowError
+    from ..feature_cache import FeatureCacheMismatch
+    from ..training import TrainingOptions, run_training
 
-    values = {}
-    if "config" in args:
-        values = read_config_file(args.config)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "command", "debug")}
-    if "epochs" in flags:  # a flag for epochs beats max_steps from the config file, and the other way round
-        values.pop("max_steps", None)
+    preset = presets.load(args.preset) if "preset" in args else {}
+    config = read_config_file(args.config) if "config" in args else {}
+    flags = {k: v for k, v in vars(args).items() if k not in ("preset", "config", "handler", "command", "debug")}
     try:
-        options = TrainingOptions.from_dict({**values, **flags})
+        options = TrainingOptions.from_dict(merge_options(preset, config, flags))
     except (TypeError, ValueError) as error:
-        raise UsageError(str(error)) from error
+        # Flags were checked by argparse with the same rules: what is wrong here comes from the config file.
+        raise UsageError(f"--config {args.config}: {error}" if "config" in args else str(error)) from error
     handler = logging.StreamHandler()  # our data report and warnings, on stderr next to the Trainer's logs
     handler.setFormatter(logging.Formatter("%(message)s"))
     library_logger = logging.getLogger("llm_modules")
@@ -80,7 +108,7 @@ def run_train(args: argparse.Namespace) -> None:
         result = run_training(options)
     except InvalidRowError as error:
         raise UsageError(f"{options.dataset}: {error} (drop --strict to skip invalid rows)") from error
-    except (EmptyDatasetError, FeatureCacheMismatch, FileExistsError) as error:
+    except (DataFileError, EmptyDatasetError, FeatureCacheMismatch, FileExistsError) as error:
         raise UsageError(f"{error}") from error
     finally:
         library_logger.removeHandler(handler)
