@@ -184,6 +184,7 @@ def combined(
         trainer_args={"save_strategy": "no"},
     )
     start = time.perf_counter()
-    trainer = train(model, tokenizer, dataset, None, training, callbacks=log_file_callbacks(log_file))
+    trainer = train(model, tokenizer, dataset, None, training, callbacks=log_file_callbacks(log_file),
+                    data="the demo's task rows about split A's people (`data/train_a.jsonl` in the demo's output dir)")
     seconds = time.perf_counter() - start
     return TrainedSystem(model.eval(), model.parameter_summary()["trainable"], seconds, trainer.state.log_history)
