@@ -440,3 +440,22 @@ def test_serve_quiet_turns_the_request_log_off(model_dir, monkeypatch):
     assert main(["serve", "--model", str(model_dir), "--quiet"]) == 0
     assert seen["log_config"]["loggers"]["llm_modules.serving"]["level"] == "WARNING"
     assert seen["access_log"] is False and seen["log_level"] == "warning"
+
+
+def test_a_job_cancelled_while_queued_never_generates(local_model, one_thread):
+    import asyncio
+
+    from llm_modules.serving import Job, ModelServer, Sampling
+
+    server = ModelServer(local_model, local_model.tokenizer, MODEL, max_concurrency=1)
+    prompt = local_model.tokenizer("the cat sat")["input_ids"]
+    first, second = (Job(prompt, Sampling(8, 0.0, 1.0, None, [])) for _ in range(2))
+
+    async def run() -> list[list[int]]:
+        futures = [server.submit(first), server.submit(second)]  # one worker: the second waits
+        second.cancelled.set()  # its client leaves
+        return await asyncio.gather(*futures)
+
+    generated, skipped = asyncio.run(run())
+    assert generated and skipped == [] and second.new_tokens == 0
+    assert (server.generating, server.queued) == (0, 0)

@@ -114,7 +114,7 @@ class SamplingRequest(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
-    n: int | None = None  # 1 only: refused with a 400 otherwise (see `check_request`)
+    n: int | None = None  # 1 only: other values get a clear 400 (`ModelServer.sampling`)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
 
@@ -363,6 +363,8 @@ class ModelServer:
         def run() -> list[int]:
             with self._counts:
                 self.queued -= 1
+                if job.cancelled.is_set():  # its client left while it waited
+                    return []
                 self.generating += 1
             try:
                 return self.generate(job, streamer)
