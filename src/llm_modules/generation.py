@@ -37,7 +37,7 @@ def control_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> 
     template = template if isinstance(template, str) else "\n".join(template.values())  # named templates
     added = tokenizer.added_tokens_decoder
     ids.update(i for i, token in added.items() if token.special and token.content in template)
-    return frozenset(ids - {i for i, token in added.items() if token.content in ANSWER_MARKERS})
+    return frozenset(ids - {None} - {i for i, token in added.items() if token.content in ANSWER_MARKERS})
 
 
 def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int], control_ids: frozenset[int]) -> str:
@@ -56,7 +56,7 @@ class _DropsControlTokens:
     def put(self, value: torch.Tensor) -> None:
         if value.dim() > 1 and value.shape[0] == 1:
             value = value[0]
-        if value.dim() == 1:  # a batch of several rows: TextStreamer refuses it
+        if value.dim() == 1:  # several rows are passed on as they are, for TextStreamer to refuse
             value = value[~torch.isin(value, self.control_ids.to(value.device))]
         super().put(value)
 
