@@ -85,8 +85,6 @@ def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    import logging
-
     from ..data import DataFileError, EmptyDatasetError, InvalidRowError
     from ..feature_cache import FeatureCacheMismatch
     from ..training import TrainingOptions, run_training
@@ -99,19 +97,12 @@ def run_train(args: argparse.Namespace) -> None:
     except (TypeError, ValueError) as error:
         # Flags were checked by argparse with the same rules: what is wrong here comes from the config file.
         raise UsageError(f"--config {args.config}: {error}" if "config" in args else str(error)) from error
-    handler = logging.StreamHandler()  # our data report and warnings, on stderr next to the Trainer's logs
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    library_logger = logging.getLogger("llm_modules")
-    library_logger.addHandler(handler)
-    library_logger.setLevel(logging.INFO)
     try:
-        result = run_training(options)
+        result = run_training(options)  # its data report and warnings reach stderr through `main`'s library_messages
     except InvalidRowError as error:
         raise UsageError(f"{options.dataset}: {error} (drop --strict to skip invalid rows)") from error
     except (DataFileError, EmptyDatasetError, FeatureCacheMismatch, FileExistsError) as error:
         raise UsageError(f"{error}") from error
-    finally:
-        library_logger.removeHandler(handler)
     if result.trainer.is_world_process_zero():
         loss = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
         print(f"trained {result.trainer.state.global_step} steps; final validation loss {loss}")
