@@ -81,3 +81,13 @@ def test_a_hub_id_that_cannot_be_fetched_is_not_found(capsys):
     assert main(["info", "--large", "nobody/no-such-model", "--small", "nobody/no-such-model"]) == 3
     err = capsys.readouterr().err
     assert err.startswith("llm-modules info: error: ") and err.count("\n") == 1 and "OSError" not in err
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_data_file_that_cannot_be_read_is_bad_input_in_every_command(command, tmp_path, tiny_pair, capsys):
+    broken = tmp_path / "rows.json"
+    broken.write_text('[{"conversations": [')
+    argv = run(command, str(tiny_pair[0]), tmp_path, tiny_pair, str(broken))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"llm-modules {command}: error: {broken}: not valid JSON (line 1, column 21: Expecting value)\n"

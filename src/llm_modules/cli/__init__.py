@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Callable
 from typing import Any
-from importlib.metadata import PackageNotFoundError, version
 
 from .. import __version__
 from .bench import add_bench
@@ -64,6 +63,8 @@ class VersionAction(argparse.Action):
 
 def version_line() -> str:
     """"llm-modules 0.1.0 (torch 2.13.0, transformers 5.24.0)"; a dependency that is not installed is left out."""
+    from importlib.metadata import PackageNotFoundError, version
+
     found = []
     for package in ("torch", "transformers"):
         try:
@@ -115,7 +116,11 @@ def describe_error(error: Exception) -> tuple[int, str]:
 
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else type(error).__name__
-    if isinstance(error, UsageError):
+    # Bad data files are bad input in every command that reads rows (train, eval). The data module is looked up, not
+    # imported: when it never loaded, the error cannot be one of its own (and importing it might be what failed).
+    data = sys.modules.get("llm_modules.data")
+    bad_data = (data.DataFileError, data.EmptyDatasetError, data.InvalidRowError) if data else ()
+    if isinstance(error, (UsageError, *bad_data)):
         return EXIT_USAGE, first_line
     missing = (ModelSourceError, FileNotFoundError, NotADirectoryError, EntryNotFoundError, RepositoryNotFoundError,
                RevisionNotFoundError)
