@@ -56,3 +56,13 @@ def tiny_model(tiny_pair):
     """A freshly composed tiny Qwen2 + GPT-Neo combined model in eval mode."""
     torch.manual_seed(0)
     return LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4).eval()
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """The real pair of the real-weights tests, fetched once into the user's model cache (`llm-modules fetch`):
+    {"qwen2.5-coder-0.5b-instruct": FetchedModel, "smollm2-135m-instruct": FetchedModel}. A second session finds them
+    there and only re-checks their hashes."""
+    from llm_modules.fetch import fetch
+
+    return {name: fetch(name) for name in ("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct")}

@@ -64,9 +64,9 @@ def test_chat_refuses_an_overlong_turn_and_keeps_the_session(model_dir, monkeypa
     prompts = []
     generate_reply = cli_generate.generate_reply
 
-    def recording(model, text, args, stream):
-        prompts.append(text)
-        return generate_reply(model, text, args, stream)
+    def recording(model, tokenizer, prompt_ids, args, stream):
+        prompts.append(tokenizer.decode(prompt_ids))
+        return generate_reply(model, tokenizer, prompt_ids, args, stream)
 
     monkeypatch.setattr(cli_generate, "generate_reply", recording)
     turns = ["first", "many words " * 200, "second", "/exit"]
@@ -89,6 +89,3 @@ def test_model_that_is_missing_or_not_a_model_dir(command, tmp_path, capsys):
     assert "not a model directory (no config.json" in capsys.readouterr().err
 
 
-def test_generate_refuses_a_model_that_is_not_combined(tiny_pair, capsys):
-    assert main(["generate", "--model", str(tiny_pair[0]), "--prompt", "x"]) == 2
-    assert "not an llm-modules model (its model_type is 'qwen2')" in capsys.readouterr().err

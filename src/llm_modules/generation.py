@@ -136,3 +136,53 @@ def check_generation_length(
             prompt_too_long=False,
         )
     return max_new_tokens
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------------
+
+
+def chat_prompt_ids(
+    model: Any, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], system: str | None = None
+) -> list[int]:
+    """Token ids a model continues for a chat (`messages` are `{"role", "content"}`).
+
+    A combined model (or a tokenizer without a chat template) gets the training layout (`data.render_prompt`, with
+    `system` or the default system prompt when `messages` have none), tokenized as training tokenizes it; a plain
+    causal LM with a chat template gets its template, with `system` added only when given and `messages` have none.
+    """
+    from .data import render_prompt
+    from .modeling import LLMModulesForCausalLM
+
+    if isinstance(model, LLMModulesForCausalLM) or not tokenizer.chat_template:
+        return tokenizer(render_prompt(messages, system=system))["input_ids"]
+    turns = list(messages)
+    if system is not None and not any(t["role"] == "system" for t in turns):
+        turns.insert(0, {"role": "system", "content": system})
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
+
+
+def load_model_and_tokenizer(
+    model: str, *, large_model: str | None = None, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved combined model, or a plain Hugging Face causal LM (dir, hub id or .gguf file; `sources`), with its
+    tokenizer, in eval mode on `device` (default: cuda when available): bf16 on a GPU, float32 on CPU.
+
+    Raises `ModelSourceError` for a missing path or a dir that is not a model, `ValueError` when no tokenizer is saved.
+    """
+    import torch
+
+    from .modeling import LLMModulesForCausalLM
+    from .sources import is_gguf, load_causal_lm, load_config, load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(model, "--model")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if not is_gguf(source) and load_config(source).model_type == "llm_modules":
+        loaded = LLMModulesForCausalLM.from_pretrained(source, large_model_name_or_path=large_model, dtype=dtype)
+        tokenizer = loaded.tokenizer
+    else:
+        loaded, tokenizer = load_causal_lm(source, dtype=dtype), load_tokenizer(source)
+    if tokenizer is None:
+        raise ValueError(f"{model}: no tokenizer saved there")
+    return loaded.to(device).eval(), tokenizer

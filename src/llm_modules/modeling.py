@@ -383,7 +383,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         """Compose a combined model from two pretrained causal LMs (hub ids, local dirs or .gguf files).
 
         The large model's base transformer is loaded frozen (its LM head is never loaded); the small model's base
-        transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` applies to
+        transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` (default float32) applies to
         the trained parts, `large_dtype` (default: `dtype`) to the frozen model; `device_map` is passed to the
         large model and the rest follows it. `quantization_config` (e.g. `BitsAndBytesConfig(load_in_8bit=True)` or
         `load_in_4bit=True`; needs bitsandbytes and a GPU) loads the frozen model quantized to save memory; the trained
@@ -399,8 +399,11 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             trust_remote_code=trust_remote_code,
         )
         tokenizer = load_tokenizer(large_source, trust_remote_code=trust_remote_code)
+        # Trained parts default to float32 whatever the checkpoint holds (a bf16 checkpoint would otherwise train in
+        # bf16 next to a float32 bridge); `dtype="auto"` keeps the checkpoint's.
+        trained_dtype = torch.float32 if dtype is None else _as_dtype(dtype)
         if config_overrides.get("small_init", "pretrained") == "pretrained":
-            small = load_base_model(small_source, dtype=dtype, trust_remote_code=trust_remote_code)
+            small = load_base_model(small_source, dtype=trained_dtype or "auto", trust_remote_code=trust_remote_code)
             small_config = small.config
         else:
             small = None
@@ -420,7 +423,6 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         )
         model = cls(config, large_model=large, small_model=small)
         device = next(large.parameters()).device
-        trained_dtype = _as_dtype(dtype)
         for part in (model.bridge, model.small, model.lm_head):
             part.to(device=device, dtype=trained_dtype)
         model.tokenizer = tokenizer

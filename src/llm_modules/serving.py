@@ -32,9 +32,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -46,15 +43,16 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .configuration import LLMModulesConfig
-from .data import STOP_STRINGS, render_prompt
+from .data import STOP_STRINGS
 from .generation import (
     AsyncAnswerStreamer,
     ContextLengthError,
+    chat_prompt_ids,
     check_generation_length,
     context_length,
     control_token_ids,
     decode_answer,
+    load_model_and_tokenizer,
 )
 from .modeling import LLMModulesForCausalLM, extend_causal_tables
 
@@ -264,12 +262,7 @@ class ModelServer:
                 raise APIError(400, f"messages.{i}.content: only assistant messages may have no content",
                                f"messages.{i}.content")
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        if self.combined or not self.tokenizer.chat_template:
-            return self.tokenizer(render_prompt(turns, system=self.system_prompt))["input_ids"]
-        if self.system_prompt is not None and not any(t["role"] == "system" for t in turns):
-            turns.insert(0, {"role": "system", "content": self.system_prompt})
-        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
+        return chat_prompt_ids(self.model, self.tokenizer, turns, self.system_prompt)
 
     def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """The token ids of each prompt of a completion request; ids must be in the vocabulary."""
@@ -645,18 +638,9 @@ async def stream_events(
 def load_model(
     model: str | Path, *, large_model: str | None = None, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A saved combined model (or a plain Hugging Face causal LM), a dir or a hub id, and its tokenizer, on `device`."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if AutoConfig.from_pretrained(model).model_type == LLMModulesConfig.model_type:
-        loaded = LLMModulesForCausalLM.from_pretrained(model, large_model_name_or_path=large_model, dtype=dtype)
-        tokenizer = loaded.tokenizer
-    else:
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    if tokenizer is None:
-        raise ValueError(f"{model}: no tokenizer saved there")
-    return loaded.to(device), tokenizer
+    """A saved combined model (or a plain Hugging Face causal LM: a dir, a hub id or a .gguf file) and its tokenizer,
+    on `device` (`generation.load_model_and_tokenizer`)."""
+    return load_model_and_tokenizer(str(model), large_model=large_model, device=device)
 
 
 def serve(

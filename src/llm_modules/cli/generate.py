@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from .common import UsageError, int_at_least
 
@@ -13,7 +11,8 @@ DEFAULT_MAX_NEW_TOKENS = 512  # when --max-new-tokens is not given and the conte
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="a trained combined model dir (llm-modules train --output-dir)")
+    parser.add_argument("--model", required=True, help="a trained combined model dir (llm-modules train --output-dir), or a plain causal LM: a dir, a hub id or "
+                        "a .gguf file (its chats use its chat template)")
     parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
     parser.add_argument("--system", help="system prompt (default: the Bespoke-Stratos one)")
     parser.add_argument(
@@ -42,11 +41,11 @@ def add_generate(subparsers) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from ..data import render_prompt
+    from ..generation import chat_prompt_ids
 
-    model = load_trained_model(args)
-    text = render_prompt([{"role": "user", "content": args.prompt}], system=args.system)
-    reply = generate_reply(model, text, args, stream=not args.no_stream)
+    model, tokenizer = load_model(args)
+    prompt_ids = chat_prompt_ids(model, tokenizer, [{"role": "user", "content": args.prompt}], args.system)
+    reply = generate_reply(model, tokenizer, prompt_ids, args, stream=not args.no_stream)
     if args.no_stream:
         print(reply)
 
@@ -63,9 +62,9 @@ def add_chat(subparsers) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    from ..data import render_prompt
+    from ..generation import chat_prompt_ids
 
-    model = load_trained_model(args)
+    model, tokenizer = load_model(args)
     print(f"chatting with {args.model}: /reset clears the history, /exit or Ctrl-D quits")
     history: list[dict[str, str]] = []
     while True:
@@ -84,48 +83,26 @@ def run_chat(args: argparse.Namespace) -> None:
             print("(history cleared)")
             continue
         turn = {"role": "user", "content": line}
-        text = render_prompt([*history, turn], system=args.system)
+        prompt_ids = chat_prompt_ids(model, tokenizer, [*history, turn], args.system)
         try:
-            new_token_budget(model, len(model.tokenizer(text)["input_ids"]), args)
+            new_token_budget(model, len(prompt_ids), args)
         except UsageError as error:  # this turn is not taken; the session and its history go on
             print(f"llm-modules chat: error: {error} (/reset clears the history)", file=sys.stderr, flush=True)
             continue
         print("assistant> ", end="", flush=True)
-        reply = generate_reply(model, text, args, stream=True)
+        reply = generate_reply(model, tokenizer, prompt_ids, args, stream=True)
         history += [turn, {"role": "assistant", "content": reply.strip()}]
 
 
-def resolve_model(name: str) -> str:
-    """`--model` as `resolve_model_source` gives it: an absolute model dir, or a hub id. Raises `ModelSourceError`
-    (exit code 3) for a missing path, a dir without config.json, or a GGUF file."""
-    from ..sources import ModelSourceError, resolve_model_source
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) of `--model`: a trained combined model, or a plain causal LM (dir, hub id or .gguf file),
+    whose chats then use its tokenizer's chat template. A missing path or a dir that is not a model: exit code 3."""
+    from ..generation import load_model_and_tokenizer
 
-    source = resolve_model_source(name, "--model")
-    if Path(source).is_file():
-        raise ModelSourceError(f"--model {name}: a GGUF file; this command needs a model directory or a hub id")
-    return source
-
-
-def load_trained_model(args: argparse.Namespace):
-    import torch
-
-    from ..modeling import LLMModulesForCausalLM
-
-    source = resolve_model(args.model)
-    config = Path(source) / "config.json"
-    if config.is_file():  # a hub id is checked by from_pretrained
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except ValueError as error:
-            raise UsageError(f"{config}: not valid JSON: {error}") from error
-        if model_type != "llm_modules":
-            raise UsageError(f"--model {args.model}: not an llm-modules model (its model_type is {model_type!r})")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = LLMModulesForCausalLM.from_pretrained(source, large_model_name_or_path=args.large_model, dtype=dtype)
-    if model.tokenizer is None:
-        raise UsageError(f"--model {args.model}: no tokenizer saved there")
-    return model.to(device)
+    try:
+        return load_model_and_tokenizer(args.model, large_model=args.large_model, device=args.device)
+    except ValueError as error:  # no tokenizer saved with the model
+        raise UsageError(f"--model {args.model}: {error}") from error
 
 
 def new_token_budget(model, prompt_tokens: int, args: argparse.Namespace) -> int:
@@ -141,17 +118,21 @@ def new_token_budget(model, prompt_tokens: int, args: argparse.Namespace) -> int
         raise UsageError(str(error)) from error
 
 
-def generate_reply(model, text: str, args: argparse.Namespace, stream: bool) -> str:
-    """Continue `text` (a rendered prompt); stream the new text to stdout if asked; return it (the same text).
-    Raises UsageError before generating when prompt and answer do not fit in the model's context."""
+def generate_reply(model, tokenizer, prompt_ids: list[int], args: argparse.Namespace, stream: bool) -> str:
+    """Continue a rendered prompt; stream the new text to stdout if asked; return it (the same text). A combined
+    model also stops at `<|end_of_solution|>`. Raises UsageError before generating when prompt and answer do not fit
+    in the model's context."""
+    import torch
+
     from transformers import set_seed
 
     from ..data import STOP_STRINGS
     from ..generation import AnswerStreamer, control_token_ids, decode_answer
 
-    tokenizer = model.tokenizer
-    inputs = tokenizer(text, return_tensors="pt").to(model.device)
-    prompt_tokens = inputs["input_ids"].shape[1]
+    from ..modeling import LLMModulesForCausalLM
+
+    input_ids = torch.tensor([prompt_ids], device=model.device)
+    prompt_tokens = len(prompt_ids)
     max_new_tokens = new_token_budget(model, prompt_tokens, args)
     control_ids = control_token_ids(tokenizer, model)
     if args.seed is not None:
@@ -160,10 +141,11 @@ def generate_reply(model, text: str, args: argparse.Namespace, stream: bool) -> 
     if args.temperature > 0:
         sampling = dict(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     output = model.generate(
-        **inputs,
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
         max_new_tokens=max_new_tokens,
         streamer=AnswerStreamer(tokenizer, control_ids) if stream else None,
-        stop_strings=STOP_STRINGS,
+        stop_strings=STOP_STRINGS if isinstance(model, LLMModulesForCausalLM) else None,
         tokenizer=tokenizer,
         **sampling,
     )

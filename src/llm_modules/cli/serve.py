@@ -35,11 +35,11 @@ def add_serve(subparsers) -> None:
 
 def run_serve(args: argparse.Namespace) -> None:
     from .. import serving
-    from .generate import resolve_model
+    from ..sources import resolve_model_source
 
-    source = resolve_model(args.model)
+    source = resolve_model_source(args.model, "--model")
     model, tokenizer = serving.load_model(source, large_model=args.large_model, device=args.device)
-    name = args.model_name or (Path(source).name if Path(source).is_dir() else source)  # a dir's name, or the hub id
+    name = args.model_name or (Path(source).name if Path(source).exists() else source)  # a dir's or file's name, or the hub id
     server = serving.ModelServer(
         model, tokenizer, name, max_concurrency=args.max_concurrency,
         max_new_tokens_limit=args.max_new_tokens_limit, system_prompt=args.system,
