@@ -58,6 +58,22 @@ def tiny_model(tiny_pair):
     return LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4).eval()
 
 
+@pytest.fixture
+def chat_prompts(monkeypatch):
+    """The prompts `llm-modules generate`/`chat` send to the model, as text, in order (the CLI's generate_reply is
+    wrapped for the test)."""
+    from llm_modules.cli import generate as cli_generate
+
+    prompts, generate_reply = [], cli_generate.generate_reply
+
+    def recording(model, tokenizer, prompt_ids, args, stream):
+        prompts.append(tokenizer.decode(prompt_ids))
+        return generate_reply(model, tokenizer, prompt_ids, args, stream)
+
+    monkeypatch.setattr(cli_generate, "generate_reply", recording)
+    return prompts
+
+
 @pytest.fixture(scope="session")
 def real_models():
     """The real pair of the real-weights tests, fetched once into the user's model cache (`llm-modules fetch`):

@@ -151,8 +151,8 @@ def test_cli_bench_rejects_bad_numbers(args, message, capsys):
 
 
 def test_cli_bench_names_a_missing_config(tmp_path, capsys):
-    assert cli_main(["bench", "train", "--config", str(tmp_path / "nowhere")]) == 2
-    assert f"--config {tmp_path / 'nowhere'}: no config.json there" in capsys.readouterr().err
+    assert cli_main(["bench", "train", "--config", str(tmp_path / "nowhere")]) == 3  # missing: exit code 3
+    assert f"--config {tmp_path / 'nowhere'}: no such file or directory" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")

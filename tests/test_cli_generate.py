@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesForCausalLM
-from llm_modules.cli import generate as cli_generate
 from llm_modules.cli import main
 
 MARKER = "<|end_of_solution|>"
@@ -60,15 +59,8 @@ def test_generate_refuses_a_prompt_and_answer_longer_than_the_context(model_dir,
     assert not captured.out  # refused before generating anything
 
 
-def test_chat_refuses_an_overlong_turn_and_keeps_the_session(model_dir, monkeypatch, capsys, one_thread):
-    prompts = []
-    generate_reply = cli_generate.generate_reply
-
-    def recording(model, tokenizer, prompt_ids, args, stream):
-        prompts.append(tokenizer.decode(prompt_ids))
-        return generate_reply(model, tokenizer, prompt_ids, args, stream)
-
-    monkeypatch.setattr(cli_generate, "generate_reply", recording)
+def test_chat_refuses_an_overlong_turn_and_keeps_the_session(model_dir, monkeypatch, capsys, one_thread, chat_prompts):
+    prompts = chat_prompts
     turns = ["first", "many words " * 200, "second", "/exit"]
     monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n"))
     assert main(["chat", "--model", str(model_dir), "--system", "Be brief.", "--temperature", "0"]) == 0

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesForCausalLM
-from llm_modules.cli import generate as cli_generate
 from llm_modules.cli import main
 
 from test_training import stratos_rows
@@ -188,15 +187,8 @@ def test_generate_on_a_missing_dir_and_on_a_plain_model(trained_dir, tiny_pair, 
     assert "error" not in capsys.readouterr().err
 
 
-def test_chat_keeps_history_resets_and_exits(trained_dir, monkeypatch, capsys):
-    prompts = []
-    generate_reply = cli_generate.generate_reply
-
-    def recording(model, tokenizer, prompt_ids, args, stream):
-        prompts.append(tokenizer.decode(prompt_ids))
-        return generate_reply(model, tokenizer, prompt_ids, args, stream)
-
-    monkeypatch.setattr(cli_generate, "generate_reply", recording)
+def test_chat_keeps_history_resets_and_exits(trained_dir, monkeypatch, capsys, chat_prompts):
+    prompts = chat_prompts
     monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n/reset\nthird question\n/exit\nnever read\n"))
     assert main(["chat", "--model", str(trained_dir), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     out = capsys.readouterr().out

@@ -208,11 +208,11 @@ def test_eval_command_on_combined_and_plain_models(tiny_dirs, tiny_model, tmp_pa
 
 
 def test_eval_command_reports_bad_input(tmp_path, tiny_dirs, capsys):
-    assert main(["eval", "--model", str(tiny_dirs["qwen2"]), "--dataset", str(tmp_path / "missing.jsonl")]) == 1
-    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tiny_dirs["qwen2"]), "--dataset", str(tmp_path / "missing.jsonl")]) == 3
+    assert "missing.jsonl: no such file or directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse rejects it before anything loads
         main(["eval", "--model", str(tmp_path / "nowhere"), "--dataset", "x.jsonl", "--limit", "0"])
     assert exit_info.value.code == 2 and "--limit" in capsys.readouterr().err
     data = write_rows(tmp_path / "rows.jsonl", [stratos_row("q", "a")])
-    assert main(["eval", "--model", str(tmp_path / "nowhere"), "--dataset", str(data)]) == 1
-    assert "nowhere" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "nowhere"), "--dataset", str(data)]) == 3
+    assert "nowhere: no such file or directory" in capsys.readouterr().err

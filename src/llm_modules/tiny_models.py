@@ -43,7 +43,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, extra_tokens: I
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # it writes straight to stdout, above the demo's output
     )
     backend.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(

@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, prepare_datasets, resolve_dataset_source
 from .modeling import WEIGHTS_NAME, LLMModulesForCausalLM
+from .training_log import keep_logs_off_terminal
 from .presets import CHOICES, LIMITS, check_option
 from .sources import ModelSourceError, resolve_model_source
 
@@ -385,7 +386,8 @@ def build_trainer(
     if eval_dataset is not None and options.patience > 0:
         callbacks.append(EarlyStoppingCallback(options.patience, options.min_delta))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return LLMModulesTrainer(
+    # Given a log-file callback (the demo's runs), Trainer logs go to the file and the terminal keeps only the bar.
+    return keep_logs_off_terminal(LLMModulesTrainer(
         model=model,
         args=args,
         data_collator=DataCollatorForLLMModules(pad_id),
@@ -398,7 +400,7 @@ def build_trainer(
         max_nonfinite_steps=options.max_nonfinite_steps,
         save_total_limit=options.save_total_limit,
         model_card=model_card,
-    )
+    ))
 
 
 def checkpoint_to_resume(output_dir: str | os.PathLike) -> Path:
