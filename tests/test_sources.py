@@ -56,8 +56,11 @@ def test_gguf_files_are_checked_before_loading(tmp_path):
     with pytest.raises(ModelSourceError, match="not a GGUF file"):
         check_gguf_file(tmp_path / "text.gguf")
     (tmp_path / "short.gguf").write_bytes(good.read_bytes()[: good.stat().st_size - 100])
-    with pytest.raises(ModelSourceError, match="truncated or corrupt"):
+    with pytest.raises(ModelSourceError, match=r"truncated GGUF file \([\d,]+ bytes; its tensor table needs [\d,]+\)"):
         check_gguf_file(tmp_path / "short.gguf")
+    (tmp_path / "header.gguf").write_bytes(good.read_bytes()[:40])
+    with pytest.raises(ModelSourceError, match="truncated or corrupt GGUF file"):
+        check_gguf_file(tmp_path / "header.gguf")
     write_gguf(tmp_path / "odd.gguf", architecture="rwkv9")
     with pytest.raises(ModelSourceError, match="architecture 'rwkv9' cannot be read from GGUF"):
         check_gguf_file(tmp_path / "odd.gguf")

@@ -73,33 +73,51 @@ def check_gguf_file(path: str | os.PathLike) -> str:
     """Check that `path` is a whole GGUF file of an architecture transformers can read; return that architecture.
 
     Raises `ImportError` when the `gguf` package is missing (naming the extra to install) and `ModelSourceError` for
-    a file that is not GGUF, is truncated or corrupt, or holds an architecture transformers' GGUF reader lacks.
-    Only headers are parsed (the tensors are memory-mapped, not read), so this takes well under a second.
+    a file that is not GGUF, is truncated (shorter than its own tensor table says) or corrupt, or holds an
+    architecture transformers' GGUF reader lacks. Only the header and the tensor table are read (with transformers'
+    reader's table functions, private but pinned with transformers <5.25 and tested: gguf's own `GGUFReader` builds
+    every tokenizer string and takes seconds, and the public `GgufHeader` refuses block types (Q5_0) that the
+    dequantising loader reads), well under a second.
     """
+    import struct
+
     path = Path(path)
     try:
-        from gguf import GGUFReader
+        import gguf
     except ImportError as error:
         raise ImportError(f"reading {path} needs the gguf package: {GGUF_EXTRA}") from error
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
 
+    size = path.stat().st_size
     with open(path, "rb") as handle:
         if handle.read(4) != b"GGUF":
             raise ModelSourceError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
-        reader = GGUFReader(path)
-        field = reader.fields["general.architecture"]
-        architecture = bytes(field.parts[field.data[0]]).decode()
-    except (ValueError, IndexError, KeyError) as error:  # the reader's words for a short or damaged file
-        size = path.stat().st_size
+        blob = _mapped(str(path))
+        metadata, tensor_count, position = _read_metadata(blob, str(path))
+        tensors, position = _read_tensor_table(blob, tensor_count, position)
+        alignment = metadata.get("general.alignment", 32)
+        data_start = -(-position // alignment) * alignment
+        needed = data_start
+        for name, shape, ggml_type, offset in tensors:
+            block_elements, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+            elements = 1
+            for dim in shape:
+                elements *= dim
+            needed = max(needed, data_start + offset + elements // block_elements * block_bytes)
+    except (ValueError, IndexError, KeyError, struct.error) as error:  # the reader's words for a short or damaged file
         raise ModelSourceError(f"{path}: truncated or corrupt GGUF file ({size:,} bytes; {error})") from None
+    if needed > size:
+        raise ModelSourceError(f"{path}: truncated GGUF file ({size:,} bytes; its tensor table needs {needed:,})")
+    architecture = metadata["general.architecture"]
     readable = sorted(set(GGUF_CONFIG_MAPPING) - {"general", "tokenizer"})
     if architecture not in readable:
         import transformers
 
         raise ModelSourceError(
-            f"{path}: architecture {architecture!r} cannot be read from GGUF by transformers {transformers.__version__} "
-            f"(it reads: {', '.join(readable)})"
+            f"{path}: architecture {architecture!r} cannot be read from GGUF by transformers "
+            f"{transformers.__version__} (it reads: {', '.join(readable)})"
         )
     return architecture
 

@@ -1,0 +1,38 @@
+"""The demo over several seeds, as README reports it: mean (min-max) of each system's scores.
+
+    for s in 0 1 2; do llm-modules demo --seed $s --output-dir demo-$s; done
+    python benchmarks/demo_seeds.py demo-0 demo-1 demo-2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = [("split_b_exact_match", "split B exact match"), ("split_a_exact_match", "split A exact match"),
+           ("format_valid", "well-formed (B)"), ("train_seconds", "train s")]
+
+
+def spread(values: list[float], digits: int) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def main(dirs: list[str]) -> None:
+    runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    names = list(runs[0]["systems"])
+    print(f"seeds {', '.join(str(r['seed']) for r in runs)}; mean (min-max) over {len(runs)} runs\n")
+    print("| system | " + " | ".join(title for _, title in COLUMNS) + " | trainable params |")
+    print("| --- |" + " ---: |" * (len(COLUMNS) + 1))
+    for name in names:
+        cells = [spread([r["systems"][name][key] for r in runs], 0 if key == "train_seconds" else 3) for key, _ in COLUMNS]
+        print(f"| `{name}` | " + " | ".join(cells) + f" | {runs[0]['systems'][name]['trainable_params']:,} |")
+    print(f"\nmajority baseline on split B: {spread([r['majority_baseline_b'] for r in runs], 3)}; "
+          f"wall time: {spread([r['wall_seconds'] for r in runs], 0)} s; n_b = {runs[0]['systems'][names[0]]['n_b']}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
