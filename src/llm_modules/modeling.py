@@ -383,9 +383,9 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         """Compose a combined model from two pretrained causal LMs (hub ids, local dirs or .gguf files).
 
         The large model's base transformer is loaded frozen (its LM head is never loaded); the small model's base
-        transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` (default float32) applies to
-        the trained parts, `large_dtype` (default: `dtype`) to the frozen model; `device_map` is passed to the
-        large model and the rest follows it. `quantization_config` (e.g. `BitsAndBytesConfig(load_in_8bit=True)` or
+        transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` (default
+        float32) applies to the trained parts, `large_dtype` (default: `dtype` when given, else the checkpoint's own) to
+        the frozen model; `device_map` is passed to the large model and the rest follows it. `quantization_config` (e.g. `BitsAndBytesConfig(load_in_8bit=True)` or
         `load_in_4bit=True`; needs bitsandbytes and a GPU) loads the frozen model quantized to save memory; the trained
         parts stay in `dtype`. `config_overrides` are `LLMModulesConfig` options.
         """

@@ -7,7 +7,9 @@ once with the same message instead of being sent to the hub, and local paths are
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -143,7 +145,8 @@ def load_base_model(source: str, *, trust_remote_code: bool = False, **kwargs: A
     name, extra = pretrained_kwargs(source)
     if extra and kwargs.get("quantization_config") is not None:
         raise ValueError(f"{source}: a GGUF source is dequantised on load; quantization_config cannot be combined with it")
-    model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, **extra, **kwargs)
+    with quiet_gguf_quantizer():
+        model = AutoModel.from_pretrained(name, trust_remote_code=trust_remote_code, **extra, **kwargs)
     return plain_weights(model) if extra else model
 
 
@@ -152,7 +155,8 @@ def load_causal_lm(source: str, *, trust_remote_code: bool = False, **kwargs: An
     from transformers import AutoModelForCausalLM
 
     name, extra = pretrained_kwargs(source)
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **extra, **kwargs)
+    with quiet_gguf_quantizer():
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **extra, **kwargs)
     return plain_weights(model) if extra else model
 
 
@@ -170,6 +174,22 @@ def load_config(source: str, *, trust_remote_code: bool = False) -> PretrainedCo
 
     name, extra = pretrained_kwargs(source)
     return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+
+
+@contextlib.contextmanager
+def quiet_gguf_quantizer() -> Iterator[None]:
+    """Silence transformers' GGUF quantizer while loading. For the architectures it cannot keep packed (Qwen2 and
+    Llama in 5.24) it still warns that "the weights stay quantized regardless" and suggests float32, while its
+    legacy path dequantises every tensor into the dtype asked: advice that would double the memory for nothing."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("transformers.quantizers.quantizer_gguf")
+    level = logger.level
+    logger.setLevel(hf_logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def plain_weights(model: PreTrainedModel) -> PreTrainedModel:
