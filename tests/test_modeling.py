@@ -1,4 +1,4 @@
-"""The combined model: the invariants of DESIGN.md, generation options, save/load, any pair, real sizes."""
+"""The combined model: the invariants of docs/design.md, generation options, save/load, any pair, real sizes."""
 
 from __future__ import annotations
 

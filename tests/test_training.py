@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from llm_modules import LLMModulesForCausalLM, presets
 from llm_modules.data import prepare_datasets
+from llm_modules.model_card import write_model_card
 from llm_modules.training import (
     COMPLETE_MARKER,
     NonFiniteLossError,
@@ -24,7 +25,6 @@ from llm_modules.training import (
     complete_checkpoints,
     parameter_groups,
     train,
-    write_model_card,
 )
 
 TESTS = Path(__file__).parent

@@ -8,7 +8,7 @@ from typing import Literal
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# The paper's pair at real size (DESIGN.md), so `LLMModulesConfig()` alone describes Qwen2-1.5B + GPT-Neo-125M
+# The paper's pair at real size (docs/design.md has the method), so `LLMModulesConfig()` alone describes Qwen2-1.5B + GPT-Neo-125M
 # and real-size benchmarks can be built offline from the config with random weights.
 QWEN2_1_5B = {
     "vocab_size": 151936,

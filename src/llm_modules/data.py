@@ -34,7 +34,9 @@ DEFAULT_SYSTEM_PROMPT = (
     "the following question through the above guidelines:"
 )
 ROLE_HEADERS = {"system": "System:", "user": "User:", "assistant": "Assistant:"}
-STOP_STRINGS = ["<|end_of_solution|>"]
+# The answer format's markers (Bespoke-Stratos): answer text, never control tokens, whatever a tokenizer calls them.
+ANSWER_MARKERS = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
+STOP_STRINGS = [ANSWER_MARKERS[-1]]
 
 
 def render_turn(role: str, content: str) -> str:

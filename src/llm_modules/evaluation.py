@@ -18,12 +18,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .data import IGNORE_INDEX, STOP_STRINGS, DataCollatorForLLMModules, conversation_turns, render_prompt
+from .data import (
+    ANSWER_MARKERS,
+    IGNORE_INDEX,
+    STOP_STRINGS,
+    DataCollatorForLLMModules,
+    conversation_turns,
+    render_prompt,
+)
 from .generation import control_token_ids, decode_answer
 from .modeling import LLMModulesForCausalLM
 
-BEGIN_THOUGHT, END_THOUGHT = "<|begin_of_thought|>", "<|end_of_thought|>"
-BEGIN_SOLUTION, END_SOLUTION = "<|begin_of_solution|>", "<|end_of_solution|>"
+BEGIN_THOUGHT, END_THOUGHT, BEGIN_SOLUTION, END_SOLUTION = ANSWER_MARKERS
 
 
 # ---- answers -----------------------------------------------------------------------------------------------------

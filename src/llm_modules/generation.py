@@ -15,13 +15,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from transformers import AsyncTextIteratorStreamer, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import (
+    AsyncTextIteratorStreamer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TextStreamer,
+)
 
 from .configuration import LLMModulesConfig
-
-# Answer-format markers (Bespoke-Stratos): answer text, never control tokens.
-ANSWER_MARKERS = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
-
+from .data import ANSWER_MARKERS
 
 # ---- answer text --------------------------------------------------------------------------------------------------
 
@@ -88,7 +90,7 @@ def context_length(model: PreTrainedModel) -> int:
     Raises ValueError when the model's config has no `max_position_embeddings`."""
     config = model.config
     if isinstance(config, LLMModulesConfig):
-        # With zeroed small-model positions only the large model limits the length (DESIGN.md).
+        # With zeroed small-model positions only the large model limits the length (docs/design.md).
         configs = [config.large_config] + ([config.small_config] if config.small_position_embeddings == "keep" else [])
     else:
         configs = [config]
@@ -173,7 +175,13 @@ def load_model_and_tokenizer(
     import torch
 
     from .modeling import LLMModulesForCausalLM
-    from .sources import is_gguf, load_causal_lm, load_config, load_tokenizer, resolve_model_source
+    from .sources import (
+        is_gguf,
+        load_causal_lm,
+        load_config,
+        load_tokenizer,
+        resolve_model_source,
+    )
 
     source = resolve_model_source(model, "--model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -126,7 +126,7 @@ class EnhancedCrossAttention(nn.Module):
 
 
 class LLMModulesBridge(nn.Module):
-    """Large hidden states `[.., D_L]` -> small-model input embeddings `[.., D_S]` (DESIGN.md, step 2)."""
+    """Large hidden states `[.., D_L]` -> small-model input embeddings `[.., D_S]` (docs/design.md, step 2)."""
 
     def __init__(self, config: LLMModulesConfig):
         super().__init__()
