@@ -1,7 +1,9 @@
 """The demo over several seeds, as README reports it: mean (min-max) of each system's scores.
 
     for s in 0 1 2; do llm-modules demo --seed $s --output-dir demo-$s; done
-    python benchmarks/demo_seeds.py demo-0 demo-1 demo-2
+    python benchmarks/demo_seeds.py demo-0 demo-1 demo-2 [--no-times]
+
+`--no-times` leaves out training and wall times (for runs that shared the cores with other work).
 """
 
 from __future__ import annotations
@@ -19,20 +21,22 @@ def spread(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def main(dirs: list[str]) -> None:
+def main(dirs: list[str], times: bool = True) -> None:
+    columns = [(key, title) for key, title in COLUMNS if times or key != "train_seconds"]
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     names = list(runs[0]["systems"])
     print(f"seeds {', '.join(str(r['seed']) for r in runs)}; mean (min-max) over {len(runs)} runs\n")
-    print("| system | " + " | ".join(title for _, title in COLUMNS) + " | trainable params |")
-    print("| --- |" + " ---: |" * (len(COLUMNS) + 1))
+    print("| system | " + " | ".join(title for _, title in columns) + " | trainable params |")
+    print("| --- |" + " ---: |" * (len(columns) + 1))
     for name in names:
-        cells = [spread([r["systems"][name][key] for r in runs], 0 if key == "train_seconds" else 3) for key, _ in COLUMNS]
+        cells = [spread([r["systems"][name][key] for r in runs], 0 if key == "train_seconds" else 3) for key, _ in columns]
         print(f"| `{name}` | " + " | ".join(cells) + f" | {runs[0]['systems'][name]['trainable_params']:,} |")
-    print(f"\nmajority baseline on split B: {spread([r['majority_baseline_b'] for r in runs], 3)}; "
-          f"wall time: {spread([r['wall_seconds'] for r in runs], 0)} s; n_b = {runs[0]['systems'][names[0]]['n_b']}")
+    wall = f"; wall time: {spread([r['wall_seconds'] for r in runs], 0)} s" if times else ""
+    print(f"\nmajority baseline on split B: {spread([r['majority_baseline_b'] for r in runs], 3)}{wall}; "
+          f"n_b = {runs[0]['systems'][names[0]]['n_b']}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    main(sys.argv[1:])
+    main([a for a in sys.argv[1:] if a != "--no-times"], times="--no-times" not in sys.argv)
