@@ -375,6 +375,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         *,
         dtype: torch.dtype | str | None = None,
         large_dtype: torch.dtype | str | None = None,
+        large_quantization: str | None = None,
         device_map: Any = None,
         quantization_config: Any = None,
         trust_remote_code: bool = False,
@@ -387,16 +388,18 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         float32) applies to the trained parts, `large_dtype` (default: `dtype` when given, else the checkpoint's own) to
         the frozen model; `device_map` is passed to the large model and the rest follows it. `quantization_config` (e.g. `BitsAndBytesConfig(load_in_8bit=True)` or
         `load_in_4bit=True`; needs bitsandbytes and a GPU) loads the frozen model quantized to save memory; the trained
-        parts stay in `dtype`. `config_overrides` are `LLMModulesConfig` options.
+        parts stay in `dtype`. `large_quantization="int8"` quantizes the frozen model for the CPU instead
+        (`quantization.quantize_frozen_model`; loaded in bfloat16 first unless `large_dtype` says otherwise).
+        `config_overrides` are `LLMModulesConfig` options.
         """
         dtype = config_overrides.pop("torch_dtype", dtype)  # the transformers 4.x name, still common in scripts
         large_dtype = large_dtype if large_dtype is not None else dtype
         # Local paths are recorded absolute, so the saved model reloads from any working directory.
         large_source = resolve_model_source(large_model_name_or_path, "large model")
         small_source = resolve_model_source(small_model_name_or_path, "small model")
-        large = load_base_model(
-            large_source, dtype=large_dtype, device_map=device_map, quantization_config=quantization_config,
-            trust_remote_code=trust_remote_code,
+        large = _load_frozen_model(
+            large_source, large_dtype, large_quantization, device_map=device_map,
+            quantization_config=quantization_config, trust_remote_code=trust_remote_code,
         )
         tokenizer = load_tokenizer(large_source, trust_remote_code=trust_remote_code)
         # Trained parts default to float32 whatever the checkpoint holds (a bf16 checkpoint would otherwise train in
@@ -490,6 +493,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         large_model_name_or_path: str | os.PathLike | None = None,
         dtype: torch.dtype | str | None = None,
         large_dtype: torch.dtype | str | None = None,
+        large_quantization: str | None = None,
         device_map: Any = None,
         quantization_config: Any = None,
         trust_remote_code: bool = False,
@@ -497,8 +501,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
     ) -> "LLMModulesForCausalLM":
         """Reload a saved combined model: the frozen model from the recorded id/path, the rest from the dir.
 
-        `large_model_name_or_path` points at the frozen model when it moved since saving; `quantization_config`
-        loads it quantized, as in `from_large_and_small`.
+        `large_model_name_or_path` points at the frozen model when it moved since saving; `large_dtype`,
+        `large_quantization` and `quantization_config` set its precision, as in `from_large_and_small`.
         """
         directory = Path(resolve_model_source(pretrained_model_name_or_path, "combined model"))
         if not directory.is_dir():
@@ -523,8 +527,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         except ModelSourceError as error:
             raise ModelSourceError(f"{error}; {hint}") from None
         try:
-            large = load_base_model(
-                large_source, dtype=_as_dtype(large_dtype if large_dtype is not None else dtype),
+            large = _load_frozen_model(
+                large_source, large_dtype if large_dtype is not None else dtype, large_quantization,
                 device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
             )
         except (OSError, ValueError) as error:
@@ -582,6 +586,20 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             "trainable": count(p for p in self.parameters() if p.requires_grad),
             "unused_small_embeddings": count(self.small.get_input_embeddings().parameters()),
         }
+
+
+def _load_frozen_model(
+    source: str, dtype: torch.dtype | str | None, quantization: str | None, **kwargs: Any
+) -> PreTrainedModel:
+    """The frozen base transformer in `dtype`, or int8 (`quantization.quantize_frozen_model`) from bfloat16 weights."""
+    if quantization is None:
+        return load_base_model(source, dtype=_as_dtype(dtype), **kwargs)
+    from .quantization import LARGE_QUANTIZATIONS, quantize_frozen_model
+
+    if quantization not in LARGE_QUANTIZATIONS:  # before loading gigabytes
+        raise ValueError(f"large_quantization must be one of {LARGE_QUANTIZATIONS}, got {quantization!r}")
+    large = load_base_model(source, dtype=_as_dtype(dtype) or torch.bfloat16, **kwargs)
+    return quantize_frozen_model(large, quantization)
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

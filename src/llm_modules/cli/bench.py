@@ -23,7 +23,14 @@ def add_bench(subparsers) -> None:
         "--dtype", choices=dtypes, default="auto", help="trained parts (auto: float32 on CPU, bfloat16 on GPU)"
     )
     common.add_argument("--large-dtype", choices=dtypes, help="the frozen large model (default: --dtype)")
-    common.add_argument("--threads", type=int_at_least(1), help="torch CPU threads (README's numbers: 1)")
+    common.add_argument(
+        "--large-quantization", choices=["int8", "fp16"],
+        help="the frozen model's linear layers on the CPU: int8 or float16 weights (fbgemm); instead of --large-dtype",
+    )
+    common.add_argument(
+        "--threads", type=int_at_least(1), nargs="+",
+        help="torch CPU threads (README's numbers: 1); several values only with --precisions",
+    )
     common.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall",
         help="wall: elapsed time; cpu: this process's CPU time, which leaves out waiting for cores other programs "
@@ -40,6 +47,14 @@ def add_bench(subparsers) -> None:
     decode.add_argument("--prefill-repeats", type=int_at_least(1), default=2)
     decode.add_argument("--batch-sizes", type=int_at_least(1), nargs="+", default=[1, 4, 16], help="prompts per run")
     decode.add_argument("--batch-context", type=int_at_least(1), default=16, help="prompt length of the batched runs")
+    decode.add_argument(
+        "--precisions", nargs="+", metavar="PRECISION",
+        help="instead of the tables above: the frozen model in each of these precisions side by side (float32, "
+        "bfloat16, float16: torch dtypes; fp16, int8: --large-quantization), with the floor of each, at --contexts "
+        "and every --threads value (CPU only)",
+    )
+    decode.add_argument("--large", help="with --precisions: a real frozen model (dir or .gguf) instead of random weights")
+    decode.add_argument("--small", help="with --precisions: a real small model (dir or .gguf)")
     decode.set_defaults(handler=run_bench)
 
     train = kinds.add_parser("train", parents=[common], help="training step with and without the feature cache")
@@ -55,7 +70,7 @@ def run_bench(args: argparse.Namespace) -> None:
 
     from .. import benchmarking
     from ..configuration import LLMModulesConfig
-    from ..sources import ModelSourceError
+    from ..sources import ModelSourceError, resolve_model_source
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA GPU is available here")
@@ -69,12 +84,41 @@ def run_bench(args: argparse.Namespace) -> None:
                 f"--config {args.config}: a {config.model_type} model, not a combined llm-modules one (give a combined "
                 "model dir or its config.json)"
             )
+    precisions = getattr(args, "precisions", None)
+    if precisions is None and (getattr(args, "large", None) or getattr(args, "small", None)):
+        raise UsageError("--large/--small need --precisions (the other tables use random weights)")
+    if precisions is None and args.threads and len(args.threads) > 1:
+        raise UsageError(f"--threads: one value, or several with --precisions; got {args.threads}")
+    if precisions is not None:
+        from ..benchmarking.precision import PRECISIONS, bench_precision, format_precision
+
+        unknown = [p for p in precisions if p not in PRECISIONS]
+        if unknown:
+            raise UsageError(f"--precisions: unknown {unknown[0]!r}; expected some of {', '.join(PRECISIONS)}")
+        if not args.device.startswith("cpu"):
+            raise UsageError("--precisions measures the CPU paths; use --device cpu")
+        if bool(args.large) != bool(args.small):
+            raise UsageError("--large and --small go together (real checkpoints), or leave both out (random weights)")
+        large = resolve_model_source(args.large, "--large") if args.large else None
+        small = resolve_model_source(args.small, "--small") if args.small else None
+        result = bench_precision(
+            None if large else config, large=large, small=small, precisions=precisions, contexts=args.contexts,
+            threads=args.threads or [1], new_tokens=args.new_tokens, seed=args.seed, clock=args.clock,
+        )
+        print(format_precision(result))
+        if args.json:
+            benchmarking.write_json(result, args.json)
+            print(f"wrote {args.json}")
+        return
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
     options = dict(
         device=args.device, dtype=args.dtype, large_dtype=args.large_dtype, seed=args.seed, clock=args.clock
     )
+    if args.large_quantization and not args.device.startswith("cpu"):
+        raise UsageError(f"--large-quantization runs on the CPU, not --device {args.device}")
     if args.bench == "decode":
+        options["large_quantization"] = args.large_quantization
         result = benchmarking.bench_decode(
             config, contexts=args.contexts, new_tokens=args.new_tokens, recompute_tokens=args.recompute_tokens,
             prefill_context=args.prefill_context, prefill_repeats=args.prefill_repeats, batch_sizes=args.batch_sizes,
@@ -82,6 +126,8 @@ def run_bench(args: argparse.Namespace) -> None:
         )
         print(benchmarking.format_decode(result))
     else:
+        if args.large_quantization:
+            raise UsageError("--large-quantization is for bench decode (training steps run the frozen model as loaded)")
         result = benchmarking.bench_train(
             config, seq_lens=args.seq_lens, batch_size=args.batch_size, steps=args.steps, **options
         )

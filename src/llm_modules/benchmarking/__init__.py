@@ -28,8 +28,8 @@ import transformers
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from .configuration import LLMModulesConfig
-from .modeling import LLMModulesForCausalLM
+from ..configuration import LLMModulesConfig
+from ..modeling import LLMModulesForCausalLM
 
 GIB = 2**30
 
@@ -156,11 +156,13 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def build_models(
-    config: LLMModulesConfig, device: torch.device, dtype: torch.dtype, large_dtype: torch.dtype, baselines: bool
+    config: LLMModulesConfig, device: torch.device, dtype: torch.dtype, large_dtype: torch.dtype, baselines: bool,
+    large_quantization: str | None = None,
 ) -> dict[str, torch.nn.Module]:
     """The combined model with random weights; with `baselines`, also the large and the small causal LM alone.
 
     The combined model runs the large causal LM's own base transformer, so the large weights are held once.
+    `large_quantization` ("int8", "fp16"; CPU) quantizes the frozen model (and the large model alone) after it is built.
     """
     models: dict[str, torch.nn.Module] = {}
     large_base = None
@@ -175,6 +177,10 @@ def build_models(
     models["combined"] = combined
     for model in models.values():
         model.to(device).eval()
+    if large_quantization is not None:
+        from ..quantization import quantize_frozen_model
+
+        quantize_frozen_model(models["large_alone"] if baselines else combined.large, large_quantization)
     return models
 
 
@@ -229,6 +235,7 @@ def bench_decode(
     device: str | torch.device = "cpu",
     dtype: str | None = None,
     large_dtype: str | None = None,
+    large_quantization: str | None = None,
     seed: int = 0,
     clock: str = "wall",
     log: Callable[[str], None] = print,
@@ -249,7 +256,9 @@ def bench_decode(
     dtype_, large_dtype_ = resolve_dtype(dtype, device), resolve_dtype(large_dtype or dtype, device)
     torch.manual_seed(seed)
     log(f"building {config.large_config.model_type} + {config.small_config.model_type} with random weights ...")
-    models, build_s = Clock(device).time(lambda: build_models(config, device, dtype_, large_dtype_, baselines=True))
+    models, build_s = Clock(device).time(
+        lambda: build_models(config, device, dtype_, large_dtype_, baselines=True, large_quantization=large_quantization)
+    )
     log(f"built in {build_s:.0f} s")
     combined, large_alone, small_alone = models["combined"], models["large_alone"], models["small_alone"]
     generator = torch.Generator().manual_seed(seed)
@@ -307,7 +316,7 @@ def bench_decode(
             "large": config.large_config.model_type,
             "small": config.small_config.model_type,
             "dtype": str(dtype_).removeprefix("torch."),
-            "large_dtype": str(large_dtype_).removeprefix("torch."),
+            "large_dtype": large_quantization or str(large_dtype_).removeprefix("torch."),
             "new_tokens": new_tokens,
             "recompute_tokens": recompute_tokens,
             "batch_context": batch_context,

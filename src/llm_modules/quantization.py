@@ -1,0 +1,127 @@
+"""Cheaper weights for the frozen model on the CPU: `large_quantization="int8"` or `"fp16"` (CLI
+`--large-quantization`).
+
+Decoding one token reads every weight of the frozen model once, so on a CPU its speed is set by the bytes per weight
+and by how fast the kernel turns them into float32 products. Measured here (README, Performance; AMD EPYC without
+AVX512, one thread, a 1536x8960 product of one row): float32 6.0 ms; torch's bfloat16 4.9 ms (its bf16 kernel converts
+in software without AVX512-BF16, so it is bound by compute, not memory); PyTorch's dynamic quantization kernels
+(fbgemm, `torch.ao.nn.quantized.dynamic.Linear`) 3.7 ms with float16 weights and 1.2 ms with int8 weights; torchao
+0.18's `Int8WeightOnlyConfig` / `Int8DynamicActivationInt8WeightConfig` 9-58 ms in eager mode (its fast CPU path
+needs `torch.compile`). Hence fbgemm. PyTorch marks `torch.ao` eager quantization deprecated in favour of torchao;
+the pinned torch range keeps it, and tests cover it, until torchao's eager CPU path is as fast here.
+
+- `"fp16"`: every `nn.Linear` holds float16 weights; activations stay float32 (no overflow, same results as float32
+  to about 1e-3).
+- `"int8"`: every `nn.Linear` holds int8 weights (symmetric, one scale per output channel); activations are quantized
+  to int8 per token at run time (`Int8Linear`).
+
+Token embeddings keep the checkpoint's precision (a lookup reads one row, not the table) and return float32; the rest
+(norms, rotary tables) runs in float32, so the hidden states the model returns are float32. On a GPU, load the frozen
+model with `quantization_config=BitsAndBytesConfig(load_in_8bit=True)` instead (bitsandbytes).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+LARGE_QUANTIZATIONS = ("int8", "fp16")
+
+
+class Int8Linear(nn.Module):
+    """`y = x W^T + b` with int8 weights and int8 activations scaled per token (per row of `x`).
+
+    fbgemm's dynamic kernel scales the activations per tensor: over a prompt, one token with outsized activations
+    (the first token of Qwen models carries values ~100x the rest) would flatten every other token to a few int8
+    levels. Dividing each row by its own max first and multiplying the output back is exact algebra (the product is
+    linear in each row) and makes the kernel's scale a per-token one. Shapes: `x` (..., in_features) float32 ->
+    (..., out_features) float32.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+        from torch.ao.quantization import per_channel_dynamic_qconfig
+
+        weights_only = nn.Linear(linear.in_features, linear.out_features, bias=False)
+        weights_only.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+        weights_only.qconfig = per_channel_dynamic_qconfig
+        self.product = DynamicQuantizedLinear.from_float(weights_only)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("bias", bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        y = self.product(x / scale) * scale
+        return y if self.bias is None else y + self.bias
+
+
+class Float32Embedding(nn.Module):
+    """An embedding table kept in its own dtype whose output is float32, the quantized layers' input dtype."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads `get_input_embeddings().weight` (e.g. for its dtype)
+        return self.embedding.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids).float()
+
+
+def _float16_linear(linear: nn.Linear) -> nn.Module:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+    from torch.ao.quantization import float16_dynamic_qconfig
+
+    linear.float()
+    linear.qconfig = float16_dynamic_qconfig
+    return DynamicQuantizedLinear.from_float(linear)
+
+
+def quantize_frozen_model(model: nn.Module, method: str = "int8") -> nn.Module:
+    """Swap the linear layers of a frozen (inference-only) model for `method`'s, in place; returns the model.
+
+    Layer by layer, so the peak memory is the model as loaded (e.g. bfloat16) plus one layer in float32. The result
+    cannot be trained or saved with `save_pretrained`; the combined model never saves its frozen part.
+
+    Raises ValueError for an unknown `method` or a model that is not on the CPU, RuntimeError when this PyTorch
+    build has no x86/fbgemm quantized engine.
+    """
+    if method not in LARGE_QUANTIZATIONS:
+        raise ValueError(f"large_quantization must be one of {LARGE_QUANTIZATIONS}, got {method!r}")
+    devices = {p.device.type for p in model.parameters()} - {"cpu"}
+    if devices:
+        raise ValueError(
+            f"large_quantization={method!r} runs on the CPU; the frozen model is on {sorted(devices)[0]} "
+            "(on a GPU, pass quantization_config=BitsAndBytesConfig(load_in_8bit=True) instead)"
+        )
+    engines = torch.backends.quantized.supported_engines
+    engine = next((name for name in ("x86", "fbgemm") if name in engines), None)
+    if engine is None:
+        raise RuntimeError(f"this PyTorch build has no x86/fbgemm quantized engine (it has {engines})")
+    torch.backends.quantized.engine = engine
+    swap = Int8Linear if method == "int8" else _float16_linear
+    # Module swapping by hand: `torch.ao.quantization.quantize_dynamic` wants the whole model in float32 first (a
+    # 1.5B model loaded in bfloat16 would double in memory) and has no per-token activation scales.
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            with warnings.catch_warnings():  # torch's deprecation notice of torch.ao, once per layer (see above)
+                warnings.simplefilter("ignore", UserWarning)
+                replacement = swap(module)
+        elif type(module) is nn.Embedding:
+            replacement = Float32Embedding(module)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+    for module in model.modules():  # norms and other small float tensors: the quantized layers work in float32
+        if not isinstance(module, (Float32Embedding, nn.Embedding)):
+            for tensor_name, tensor in list(module.named_parameters(recurse=False)):
+                tensor.data = tensor.data.float()
+    model.requires_grad_(False)
+    return model

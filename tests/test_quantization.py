@@ -1,0 +1,109 @@
+"""The frozen model in int8 / fp16 on the CPU (quantization.py) and the precision benchmark (benchmarking/precision.py).
+
+Tiny random models: these check the wiring and the numerics of the swapped layers; the quality on real weights is
+measured by benchmarks/precision_quality.py (README, Performance).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from llm_modules import LLMModulesForCausalLM
+from llm_modules.benchmarking.precision import bench_precision, format_precision
+from llm_modules.cli import main as cli_main
+from llm_modules.quantization import Float32Embedding, Int8Linear, quantize_frozen_model
+
+from test_benchmarking import quiet, tiny_config  # noqa: F401  (a fixture)
+
+
+def test_int8_linear_scales_per_token_so_an_outlier_row_does_not_flatten_the_others():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    x = torch.randn(3, 64)
+    x[0] *= 1000.0  # one token with outsized activations, as Qwen's first token has
+    exact = linear(x)
+    quantized = Int8Linear(linear)(x)
+    for row in range(3):
+        error = (quantized[row] - exact[row]).norm() / exact[row].norm()
+        assert error < 0.03, f"row {row}: relative error {error:.3f}"
+    # What per-tensor scaling (the kernel alone) does to the ordinary rows: the reason Int8Linear exists.
+    per_tensor = Int8Linear(linear).product(x) + linear.bias
+    assert (per_tensor[1] - exact[1]).norm() / exact[1].norm() > 0.1
+
+
+# fp16: loading in bfloat16 rounds the weights first, so not 1e-3
+@pytest.mark.parametrize("method, tolerance", [("int8", 0.05), ("fp16", 0.01)])
+def test_quantized_frozen_model_tracks_float32_and_keeps_its_hidden_states_float32(tiny_dirs, method, tolerance):
+    from llm_modules.sources import load_base_model
+
+    large_dir = tiny_dirs["qwen2"]
+    reference = load_base_model(large_dir, dtype=torch.float32)
+    quantized = quantize_frozen_model(load_base_model(large_dir, dtype=torch.bfloat16), method)
+    linears = [m for m in quantized.modules() if type(m) is nn.Linear]
+    assert not linears, f"{len(linears)} linear layers left unquantized"
+    assert isinstance(quantized.get_input_embeddings(), Float32Embedding)
+    assert not any(p.requires_grad for p in quantized.parameters())
+    ids = torch.randint(5, 200, (2, 12))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).last_hidden_state
+        got = quantized(input_ids=ids).last_hidden_state
+    assert got.dtype == torch.float32
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error < tolerance, f"{method}: relative error {error:.4f}"
+
+
+def test_combined_model_loads_with_a_quantized_frozen_model_and_decodes_with_caches(tiny_pair, tmp_path):
+    model = LLMModulesForCausalLM.from_large_and_small(
+        *tiny_pair, large_quantization="int8", cross_attention_heads=4
+    )
+    assert isinstance(model.large.get_input_embeddings(), Float32Embedding)
+    ids = torch.randint(5, 200, (1, 6))
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        full = model(cached[:, :-1]).logits
+    # Greedy with caches == the argmax of one cache-free forward over what it generated.
+    assert torch.equal(full[0, ids.shape[1] - 1:].argmax(-1), cached[0, ids.shape[1]:])
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = LLMModulesForCausalLM.from_pretrained(tmp_path / "saved", large_quantization="fp16")
+    assert not [m for m in reloaded.large.modules() if type(m) is nn.Linear]
+
+
+def test_unknown_quantization_fails_before_loading(tiny_pair):
+    with pytest.raises(ValueError, match="large_quantization must be one of"):
+        LLMModulesForCausalLM.from_large_and_small(
+            *tiny_pair, large_quantization="int4"
+        )
+
+
+def test_precision_bench_reports_each_precision_with_its_floor(tiny_config):  # noqa: F811
+    result = bench_precision(
+        tiny_config, precisions=("float32", "bfloat16", "int8"), contexts=(6,), threads=(1,), new_tokens=3,
+        clock="cpu", log=quiet,
+    )
+    rows = {r["precision"]: r for r in result["rows"]}
+    assert set(rows) == {"float32", "bfloat16", "int8"}
+    for row in rows.values():
+        assert row["floor_s"] == pytest.approx(row["large_alone_s"] + row["small_alone_s"])
+        assert row["combined_s"] > 0 and row["combined_over_float32"] > 0
+    assert rows["float32"]["combined_over_float32"] == 1.0
+    table = format_precision(result)
+    assert "| int8 | 1 | 6 |" in table and "combined / floor" in table
+
+
+def test_cli_precision_bench_writes_json_and_rejects_bad_precisions(tiny_config, tmp_path, capsys):  # noqa: F811
+    tiny_config.save_pretrained(tmp_path / "config")
+    out = tmp_path / "precision.json"
+    code = cli_main([
+        "bench", "decode", "--config", str(tmp_path / "config"), "--precisions", "float32", "fp16",
+        "--contexts", "5", "--threads", "1", "--new-tokens", "3", "--json", str(out),
+    ])
+    assert code == 0
+    assert [r["precision"] for r in json.loads(out.read_text())["rows"]] == ["float32", "fp16"]
+    assert cli_main(["bench", "decode", "--precisions", "int4"]) == 2
+    assert "--precisions: unknown 'int4'" in capsys.readouterr().err
+    assert cli_main(["bench", "decode", "--large", "x"]) == 2
+    assert "--large/--small need --precisions" in capsys.readouterr().err
