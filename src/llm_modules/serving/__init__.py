@@ -54,6 +54,7 @@ from ..generation import (
     load_model_and_tokenizer,
 )
 from ..modeling import LLMModulesForCausalLM, extend_causal_tables
+from . import chat_page
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -366,6 +367,7 @@ def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
     Logs one line per request to the `llm_modules.serving` logger at INFO (`RequestLog`)."""
     app = FastAPI(title="llm-modules", description="OpenAI-compatible API")
     app.add_middleware(RequestLog)
+    app.include_router(chat_page.router)  # the chat page at /
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
