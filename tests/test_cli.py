@@ -79,8 +79,8 @@ def help_text(argv: list[str], capsys) -> str:
     (["generate"], ["--temperature TEMPERATURE 0 = greedy (default: 0.7)", "--top-k TOP_K (default: 50)",
                     "--top-p TOP_P (default: 0.95)"]),
     (["chat"], ["--top-k TOP_K (default: 50)"]),
-    (["serve"], ["--port PORT (default: 8000)", "--max-concurrency MAX_CONCURRENCY generations at once; more queue "
-                 "(default: 4)"]),
+    (["serve"], ["--port PORT (default: 8000)", "--max-batch-size MAX_BATCH_SIZE, --max-concurrency MAX_BATCH_SIZE "
+                 "requests decoded together in one batch", "(--max-concurrency is the old name) (default: 8)"]),
     (["eval"], ["--max-new-tokens MAX_NEW_TOKENS (default: 1024)", "slices work: 'train[-500:]') (default: train)"]),
     (["bench", "decode"], ["(default: 64 256 512)", "--seed SEED (default: 0)"]),
     (["demo"], ["(default: 0)", "(default: llm-modules-demo)"]),

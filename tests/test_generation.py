@@ -3,7 +3,6 @@ same text, and whether prompt + completion fit in the model's context."""
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +12,7 @@ from conftest import CORPUS
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.generation import (
     AnswerStreamer,
-    AsyncAnswerStreamer,
+    AnswerTextPieces,
     ContextLengthError,
     check_generation_length,
     context_length,
@@ -80,15 +79,10 @@ def test_streamed_answer_is_the_decoded_answer(chat_tokenizer, capsys):
     streamer.end()
     assert capsys.readouterr().out == expected + "\n"
 
-    async def stream() -> str:
-        streamer = AsyncAnswerStreamer(chat_tokenizer, control)
-        streamer.put(prompt)
-        for token in ids:
-            streamer.put(torch.tensor([token]))
-        streamer.end()
-        return "".join([piece async for piece in streamer])
-
-    assert asyncio.run(stream()) == expected
+    pieces = AnswerTextPieces(chat_tokenizer, control)  # the server's: new ids only, as its engine makes them
+    streamed = [pieces.feed([token]) for token in ids] + [pieces.finish()]
+    assert "".join(streamed) == expected
+    assert streamed[:2] == ["", "<|begin_of_thought|> "]  # text comes as it is final, not all at the end
 
 
 @pytest.fixture(scope="module")

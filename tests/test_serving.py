@@ -63,7 +63,7 @@ def server(model_dir, server_log):
     log = open(server_log, "w+")
     command = [
         sys.executable, "-m", "llm_modules.cli", "serve", "--model", str(model_dir), "--port", str(port),
-        "--api-key", KEY, "--max-concurrency", str(CONCURRENCY), "--max-new-tokens-limit", str(LIMIT),
+        "--api-key", KEY, "--max-batch-size", str(CONCURRENCY), "--max-new-tokens-limit", str(LIMIT),
     ]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -188,7 +188,7 @@ def too_long_prompt(local_model, tokens: int) -> str:
         ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": "5"}, 400, "max_tokens"),
         ("chat/completions", {"model": MODEL, "messages": HI, "temperature": "hot"}, 400, "temperature"),
         ("chat/completions", {"model": MODEL, "messages": HI, "stream": "yes"}, 400, "stream"),
-        ("chat/completions", {"model": MODEL, "messages": HI, "n": 2}, 400, "n"),
+        ("chat/completions", {"model": MODEL, "messages": HI, "n": 0}, 400, "n"),
         ("chat/completions", {"model": "gpt-4o", "messages": HI}, 404, "model"),
         ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": 0}, 400, "max_tokens"),
         ("chat/completions", {"model": MODEL, "messages": HI, "max_tokens": LIMIT + 1}, 400, "max_tokens"),
@@ -300,7 +300,7 @@ def test_a_plain_hugging_face_model_with_a_chat_template(tiny_dirs):
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
     )
-    server = ModelServer(model, tokenizer, "gpt2", max_concurrency=1, max_new_tokens_limit=8, system_prompt=SYSTEM)
+    server = ModelServer(model, tokenizer, "gpt2", max_batch_size=1, max_new_tokens_limit=8, system_prompt=SYSTEM)
     with TestClient(create_app(server)) as http:
         body = {"model": "gpt2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
         reply = http.post("/v1/chat/completions", json=body).json()
@@ -420,7 +420,7 @@ def test_answer_markers_stay_in_served_text(tiny_pair, one_thread):
 
     torch.manual_seed(0)
     model = always_answer(LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4), "<|end_of_solution|>")
-    server = ModelServer(model, model.tokenizer, "m", max_concurrency=1, max_new_tokens_limit=8)
+    server = ModelServer(model, model.tokenizer, "m", max_batch_size=1, max_new_tokens_limit=8)
     chat = {"model": "m", "messages": HI, "max_tokens": 8, "temperature": 0}
     completion = {"model": "m", "prompt": "the cat", "max_tokens": 8, "temperature": 0}
     with TestClient(create_app(server)) as http:
@@ -447,7 +447,7 @@ def test_a_job_cancelled_while_queued_never_generates(local_model, one_thread):
 
     from llm_modules.serving import Job, ModelServer, Sampling
 
-    server = ModelServer(local_model, local_model.tokenizer, MODEL, max_concurrency=1)
+    server = ModelServer(local_model, local_model.tokenizer, MODEL, max_batch_size=1)
     prompt = local_model.tokenizer("the cat sat")["input_ids"]
     first, second = (Job(prompt, Sampling(8, 0.0, 1.0, None, [])) for _ in range(2))
 
@@ -459,3 +459,43 @@ def test_a_job_cancelled_while_queued_never_generates(local_model, one_thread):
     generated, skipped = asyncio.run(run())
     assert generated and skipped == [] and second.new_tokens == 0
     assert (server.generating, server.queued) == (0, 0)
+
+
+def test_n_choices_and_ignore_eos(local_model, tiny_pair, one_thread):
+    """In process: each prompt's n choices are engine requests of their own (indexed prompt by prompt; each choice of
+    a seeded request has its own seed, the first the request's); ignore_eos generates max_tokens past EOS."""
+    from fastapi.testclient import TestClient
+    from test_cli_generate import always_answer
+
+    from llm_modules.serving import ModelServer, create_app
+
+    texts = ["the cat sat", "dog number 3"]
+    expected = [greedy(local_model, text, 4) for text in texts]
+    server = ModelServer(local_model, local_model.tokenizer, MODEL, max_batch_size=3)
+    with TestClient(create_app(server)) as http:
+        body = {"model": MODEL, "prompt": texts, "n": 2, "max_tokens": 4, "temperature": 0}
+        reply = http.post("/v1/completions", json=body).json()
+        assert [(c["index"], c["text"]) for c in reply["choices"]] == list(enumerate(
+            [expected[0][0], expected[0][0], expected[1][0], expected[1][0]]
+        ))
+        assert reply["usage"]["prompt_tokens"] == expected[0][1] + expected[1][1]  # each prompt counted once
+        assert reply["usage"]["completion_tokens"] == 2 * (expected[0][2] + expected[1][2])
+        events = http.post("/v1/completions", json={**body, "stream": True}).text.split("\n\n")
+        streamed = ["", "", "", ""]
+        for event in (json.loads(e[len("data: "):]) for e in events if e.startswith("data: {")):
+            streamed[event["choices"][0]["index"]] += event["choices"][0]["text"]
+        assert streamed == [c["text"] for c in reply["choices"]]
+
+        seeded = {"model": MODEL, "prompt": "the cat sat", "max_tokens": 8, "temperature": 1.0, "seed": 5}
+        one = http.post("/v1/completions", json=seeded).json()["choices"][0]["text"]
+        three = [c["text"] for c in http.post("/v1/completions", json={**seeded, "n": 3}).json()["choices"]]
+        assert three[0] == one and len(set(three)) > 1
+
+    torch.manual_seed(0)
+    ends = always_answer(LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4), "<|endoftext|>")
+    server = ModelServer(ends, ends.tokenizer, "m", max_new_tokens_limit=8)
+    with TestClient(create_app(server)) as http:
+        body = {"model": "m", "prompt": "the cat", "max_tokens": 5, "temperature": 0}
+        for ignore_eos, tokens, reason in ((False, 1, "stop"), (True, 5, "length")):
+            reply = http.post("/v1/completions", json={**body, "ignore_eos": ignore_eos}).json()
+            assert (reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"]) == (tokens, reason)

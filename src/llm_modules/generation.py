@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AsyncTextIteratorStreamer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     TextStreamer,
@@ -67,8 +66,33 @@ class AnswerStreamer(_DropsControlTokens, TextStreamer):
     """`TextStreamer` (prints to stdout) of the answer text: the same text as `decode_answer`."""
 
 
-class AsyncAnswerStreamer(_DropsControlTokens, AsyncTextIteratorStreamer):
-    """`AsyncTextIteratorStreamer` (an async iterator of text pieces) of the answer text, as `decode_answer`."""
+class AnswerTextPieces(_DropsControlTokens, TextStreamer):
+    """The answer text of new token ids fed as they come, in pieces that join to what `decode_answer` gives: `feed`
+    returns the text that is final so far (as `TextStreamer`, a word is held back until it ends), `finish` the rest.
+    For callers that get token ids themselves (the server's batching engine) rather than from `generate`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, control_ids: frozenset[int]):
+        super().__init__(tokenizer, control_ids)
+        self.next_tokens_are_prompt = False  # fed new tokens only, never the prompt
+        self._pieces: list[str] = []
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self._pieces.append(text)
+
+    def feed(self, ids: list[int]) -> str:
+        """The text that `ids` (the next new token ids) make final."""
+        self.put(torch.tensor(ids, dtype=torch.long))
+        return self._take()
+
+    def finish(self) -> str:
+        """The text still held back, once no more tokens come."""
+        self.end()
+        return self._take()
+
+    def _take(self) -> str:
+        text = "".join(self._pieces)
+        self._pieces.clear()
+        return text
 
 
 # ---- context ------------------------------------------------------------------------------------------------------

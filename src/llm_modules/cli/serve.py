@@ -25,7 +25,12 @@ def add_serve(subparsers) -> None:
         "--api-key", default=os.environ.get("LLM_MODULES_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1 (default: $LLM_MODULES_API_KEY; none: no key)",
     )
-    parser.add_argument("--max-concurrency", type=int_at_least(1), default=4, help="generations at once; more queue")
+    parser.add_argument(
+        "--max-batch-size", "--max-concurrency", type=int_at_least(1), default=8, dest="max_batch_size",
+        help="requests decoded together in one batch (continuous batching: a request joins at the next step and "
+        "leaves when done); more queue, first come first served. Each running request holds its KV caches, so this "
+        "bounds memory (--max-concurrency is the old name)",
+    )
     parser.add_argument("--max-new-tokens-limit", type=int_at_least(1), default=2048, help="largest max_tokens allowed")
     parser.add_argument("--system", help="system prompt for chats that bring none (default: the Bespoke-Stratos one)")
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
@@ -41,8 +46,9 @@ def run_serve(args: argparse.Namespace) -> None:
     model, tokenizer = serving.load_model(source, large_model=args.large_model, device=args.device)
     name = args.model_name or (Path(source).name if Path(source).exists() else source)  # a dir's or file's name, or the hub id
     server = serving.ModelServer(
-        model, tokenizer, name, max_concurrency=args.max_concurrency,
+        model, tokenizer, name, max_batch_size=args.max_batch_size,
         max_new_tokens_limit=args.max_new_tokens_limit, system_prompt=args.system,
     )
-    print(f"serving {server.name!r} (context {server.context_length} tokens) at http://{args.host}:{args.port}/v1", flush=True)
+    print(f"serving {server.name!r} (context {server.context_length} tokens, batches of up to "
+          f"{server.engine.max_batch_size} requests) at http://{args.host}:{args.port}/v1", flush=True)
     serving.serve(server, host=args.host, port=args.port, api_key=args.api_key, quiet=args.quiet)

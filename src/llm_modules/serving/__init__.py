@@ -1,11 +1,12 @@
 """An OpenAI-compatible HTTP server, so existing OpenAI clients drive a combined model unchanged.
 
 `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with `stream: true` as server-sent
-events) and `GET /health`, on FastAPI + uvicorn. Requests are validated and tokenized on the event loop; `generate`
-runs in a pool of `max_concurrency` worker threads whose queue holds the requests beyond that, so the server keeps
-answering `/health` and streaming while it generates. A generation stops soon after its client is gone, streamed or
-not. One log line per request (logger `llm_modules.serving`). A plain Hugging Face causal LM dir can be served as well.
-The request bodies and the error body are in `protocol.py`.
+events) and `GET /health`, on FastAPI + uvicorn. Requests are validated and tokenized on the event loop; each
+prompt (each of its `n` choices) becomes a request of the batching engine (`engine.py`), whose one thread decodes up
+to `max_batch_size` of them together and queues the rest, so the server keeps answering `/health` and streaming while
+it generates. A generation stops soon after its client is gone, streamed or not. One log line per request (logger
+`llm_modules.serving`). A plain Hugging Face causal LM dir can be served as well. The request bodies and the error
+body are in `protocol.py`.
 """
 
 from __future__ import annotations
@@ -19,32 +20,21 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data import STOP_STRINGS
 from ..generation import (
-    AsyncAnswerStreamer,
+    AnswerTextPieces,
     ContextLengthError,
     chat_prompt_ids,
     check_generation_length,
@@ -53,8 +43,9 @@ from ..generation import (
     decode_answer,
     load_model_and_tokenizer,
 )
-from ..modeling import LLMModulesForCausalLM, extend_causal_tables
+from ..modeling import LLMModulesForCausalLM
 from . import chat_page
+from .engine import BatchingEngine, Generation, GenerationRequest
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -65,6 +56,7 @@ from .protocol import (
 )
 
 MAX_STOP_SEQUENCES = 4  # as the OpenAI API
+MAX_CHOICES = 128  # most `n` choices per prompt, as the OpenAI API
 DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
 log = logging.getLogger(__name__)
 
@@ -78,46 +70,19 @@ class Sampling:
     top_p: float
     seed: int | None
     stop: list[str]  # the request's stop sequences: cut from the text, as the OpenAI API does
-
-
-class SeededSampling(LogitsProcessor):
-    """Draw the next token with this request's own `torch.Generator` and leave only that token possible.
-
-    `generate(do_sample=True)` draws from torch's global generator, which concurrent requests share, so a request's
-    `seed` would not reproduce its text while others run. Placed last, with `do_sample=False`: the greedy step
-    then picks the drawn token.
-    """
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self.generator: torch.Generator | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.generator is None:
-            self.generator = torch.Generator(scores.device).manual_seed(self.seed)
-        token = torch.multinomial(scores.float().softmax(-1), 1, generator=self.generator)
-        return torch.full_like(scores, float("-inf")).scatter(-1, token, 0.0)
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model ends with (load tests)
 
 
 @dataclass
 class Job:
-    """One prompt's generation: what to generate, its cancel switch, and how many tokens it has made so far."""
+    """One choice's generation: what to generate, its cancel switch, how many tokens it has made so far and why it
+    ended ("stop", "length", "cancelled"; None while it runs)."""
 
     prompt_ids: list[int]
     sampling: Sampling
     cancelled: threading.Event = field(default_factory=threading.Event)
     new_tokens: int = 0
-
-
-class WatchJob(StoppingCriteria):
-    """Stops generating once the job is cancelled (its client is gone); counts the tokens made so far."""
-
-    def __init__(self, job: Job):
-        self.job = job
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        self.job.new_tokens = input_ids.shape[1] - len(self.job.prompt_ids)
-        return torch.full((input_ids.shape[0],), self.job.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+    finish_reason: str | None = None
 
 
 class StopScanner:
@@ -151,7 +116,11 @@ class StopScanner:
 
 
 class ModelServer:
-    """The served model: prompts -> token ids, request checks, and `generate` in a pool of worker threads."""
+    """The served model: prompts -> token ids, request checks, and generation by a `BatchingEngine`.
+
+    `max_batch_size` requests decode together (each holds its KV caches); more queue, first come first served.
+    `close()` stops the engine's thread; the next request starts it again.
+    """
 
     def __init__(
         self,
@@ -159,7 +128,7 @@ class ModelServer:
         tokenizer: PreTrainedTokenizerBase,
         name: str,
         *,
-        max_concurrency: int = 4,
+        max_batch_size: int = 8,
         max_new_tokens_limit: int = 2048,
         system_prompt: str | None = None,
     ):
@@ -171,11 +140,20 @@ class ModelServer:
         self.max_new_tokens_limit = max_new_tokens_limit
         self.context_length = context_length(model)
         self.control_ids = control_token_ids(tokenizer, model)
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="generate")
-        self.generating = self.queued = 0
-        self._counts = threading.Lock()
+        self.engine = BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, skip_ids=self.control_ids)
+
+    @property
+    def generating(self) -> int:
+        """Requests decoding (or being prefilled) now."""
+        return self.engine.running
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a row of the batch."""
+        return self.engine.queued
+
+    def close(self) -> None:
+        self.engine.close()
 
     # -- prompts and checks (event loop) --
 
@@ -221,8 +199,8 @@ class ModelServer:
                  option: str = "max_tokens") -> Sampling:
         """The request's generation settings, checked against the context and the server's limits; `option` names
         the field that `max_tokens` came from."""
-        if request.n not in (None, 1):
-            raise APIError(400, f"n: this server returns one choice per prompt, so n must be 1 (got {request.n})", "n")
+        if request.n is not None and not 1 <= request.n <= MAX_CHOICES:
+            raise APIError(400, f"n must be from 1 to {MAX_CHOICES}, got {request.n}", "n")
         if max_tokens is not None and max_tokens < 1:
             raise APIError(400, f"{option} must be at least 1, got {max_tokens}", option)
         if max_tokens is not None and max_tokens > self.max_new_tokens_limit:
@@ -239,82 +217,48 @@ class ModelServer:
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > MAX_STOP_SEQUENCES or not all(stop):
             raise APIError(400, f"stop: up to {MAX_STOP_SEQUENCES} non-empty strings (got {stop!r})", "stop")
-        if self.combined and self.model.config.small_position_embeddings == "zero":
-            # generate() grows the small model's causal tables in place when a sequence outgrows them; grown here
-            # first, on the event loop, no two worker threads can race to replace a table another one is using.
-            extend_causal_tables(self.model.small, prompt_length + max_tokens)
         temperature = 1.0 if request.temperature is None else request.temperature
         top_p = 1.0 if request.top_p is None else request.top_p
-        return Sampling(max_tokens, temperature, top_p, request.seed, stop)
+        return Sampling(max_tokens, temperature, top_p, request.seed, stop, bool(request.ignore_eos))
 
-    # -- generation (worker threads) --
+    # -- generation (the engine's thread; call these on the event loop) --
 
-    def generate(self, job: Job, streamer=None) -> list[int]:
-        """The new token ids of one job (blocking); `streamer` gets the text as it comes; cancelling the job stops it."""
+    def start(self, job: Job) -> Generation:
+        """Queue `job` on the engine; its `Generation` yields the new token ids on this event loop. A temperature of
+        0 is greedy; sampling uses the job's seed (a random one when None) in its own generator, so a seed gives the
+        same text whatever else runs. The model's own stop strings end it unless `ignore_eos`."""
         sampling = job.sampling
-        processors = LogitsProcessorList()
-        if sampling.temperature > 0:
-            if sampling.temperature != 1:
-                processors.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_p < 1:
-                processors.append(TopPLogitsWarper(sampling.top_p))
-            processors.append(SeededSampling(sampling.seed if sampling.seed is not None else secrets.randbits(63)))
-        stops = self.stop_strings + sampling.stop
-        config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=False, stop_strings=stops or None)
-        inputs = torch.tensor([job.prompt_ids], device=self.model.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                generation_config=config,
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([WatchJob(job)]),
-                tokenizer=self.tokenizer,
-                streamer=streamer,
-            )
-        new_ids = output[0, len(job.prompt_ids):].tolist()
-        job.new_tokens = len(new_ids)
-        return new_ids
-
-    def submit(self, job: Job, streamer=None) -> asyncio.Future:
-        """Queue `generate` on the worker pool; the future's result is the new token ids."""
-
-        def run() -> list[int]:
-            with self._counts:
-                self.queued -= 1
-                if job.cancelled.is_set():  # its client left while it waited
-                    return []
-                self.generating += 1
-            try:
-                return self.generate(job, streamer)
-            finally:
-                with self._counts:
-                    self.generating -= 1
-
-        with self._counts:
-            self.queued += 1
-        future = self.pool.submit(run)
-
-        def unqueue_if_cancelled(done) -> None:
-            if done.cancelled():  # never started, so run() never took it off the queue
-                with self._counts:
-                    self.queued -= 1
-
-        future.add_done_callback(unqueue_if_cancelled)
-        return asyncio.wrap_future(future)
-
-    def finish_reason(self, new_ids: list[int], text: str, sampling: Sampling, scanner: StopScanner) -> str:
-        stopped = (
-            scanner.stopped or (new_ids and new_ids[-1] in self.eos_ids) or any(s in text for s in self.stop_strings)
+        request = GenerationRequest(
+            job.prompt_ids, sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            seed=sampling.seed,
+            stop=(sampling.stop if sampling.ignore_eos else self.stop_strings + sampling.stop),
+            ignore_eos=sampling.ignore_eos, cancelled=job.cancelled,
         )
-        return "length" if len(new_ids) >= sampling.max_new_tokens and not stopped else "stop"
+        return self.engine.submit(request, loop=asyncio.get_running_loop())
+
+    def submit(self, job: Job) -> asyncio.Task:
+        """`start` the job and collect it: the task's result is its new token ids (also counted in `job`)."""
+        generation = self.start(job)
+
+        async def collect() -> list[int]:
+            async for ids in generation:
+                job.new_tokens += len(ids)
+            job.finish_reason = generation.finish_reason
+            return generation.token_ids
+
+        return asyncio.ensure_future(collect())
+
+    @staticmethod
+    def finish_reason(job: Job, scanner: StopScanner) -> str:
+        """The OpenAI finish reason: "stop" when EOS, the model's stop string or one of the request's ended it."""
+        return "stop" if job.finish_reason == "stop" or scanner.stopped else "length"
 
     def decode(self, ids: list[int]) -> str:
         return decode_answer(self.tokenizer, ids, self.control_ids)
 
-    def streamer(self) -> AsyncAnswerStreamer:
-        """A streamer of the same text as `decode` (call on the event loop)."""
-        return AsyncAnswerStreamer(self.tokenizer, self.control_ids)
+    def text_pieces(self) -> AnswerTextPieces:
+        """Incremental text of new token ids, the same text as `decode`."""
+        return AnswerTextPieces(self.tokenizer, self.control_ids)
 
 
 # ---- the app ----------------------------------------------------------------------------------------------------
@@ -365,7 +309,12 @@ class RequestLog:
 def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving `server`; with `api_key`, the `/v1` routes need `Authorization: Bearer KEY`.
     Logs one line per request to the `llm_modules.serving` logger at INFO (`RequestLog`)."""
-    app = FastAPI(title="llm-modules", description="OpenAI-compatible API")
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(server.close)  # after the current step; what still runs ends "cancelled"
+
+    app = FastAPI(title="llm-modules", description="OpenAI-compatible API", lifespan=lifespan)
     app.add_middleware(RequestLog)
     app.include_router(chat_page.router)  # the chat page at /
 
@@ -437,30 +386,34 @@ async def respond(
     server: ModelServer, request: Request, body: SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
     option: str, chat: bool,
 ) -> dict[str, Any] | StreamingResponse:
-    """The completion of one checked request, a choice per prompt: a JSON body, or a stream of server-sent events.
-    `option` names the field `max_tokens` came from."""
+    """The completion of one checked request, `n` choices per prompt (prompt by prompt, `index` in that order): a
+    JSON body, or a stream of server-sent events. `option` names the field `max_tokens` came from."""
     request.state.prompt_tokens = sum(len(ids) for ids in prompts)  # for the log line
-    jobs = [Job(ids, server.sampling(body, len(ids), max_tokens, option)) for ids in prompts]
+    jobs = []
+    for ids in prompts:
+        sampling = server.sampling(body, len(ids), max_tokens, option)
+        for choice in range(body.n or 1):
+            # Each choice of a seeded request draws from its own seed: the first from the seed, so n=1 is unchanged.
+            seed = None if sampling.seed is None else _nth_seed(sampling.seed, choice)
+            jobs.append(Job(ids, Sampling(**{**sampling.__dict__, "seed": seed})))
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = stream_events(server, request, jobs, completion_id, chat, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    futures = [server.submit(job) for job in jobs]
+    tasks = [server.submit(job) for job in jobs]
     watcher = asyncio.create_task(cancel_when_gone(request, jobs))
     try:
-        results = await asyncio.gather(*futures)
+        results = await asyncio.gather(*tasks)
     finally:
         watcher.cancel()
-        stop(jobs, futures)
+        stop(jobs)
         request.state.completion_tokens = sum(job.new_tokens for job in jobs)
     choices = []
     for index, (job, new_ids) in enumerate(zip(jobs, results)):
         scanner = StopScanner(job.sampling.stop)
-        raw = server.decode(new_ids)
-        text = scanner.feed(raw) + scanner.flush()
-        choice: dict[str, Any] = {"index": index, "finish_reason": server.finish_reason(new_ids, raw, job.sampling, scanner),
-                                  "logprobs": None}
+        text = scanner.feed(server.decode(new_ids)) + scanner.flush()
+        choice: dict[str, Any] = {"index": index, "finish_reason": server.finish_reason(job, scanner), "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -476,6 +429,11 @@ async def respond(
     }
 
 
+def _nth_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request seeded `seed`, in the range `torch.Generator.manual_seed` takes."""
+    return seed + choice if seed + choice < 2**64 else seed - choice
+
+
 async def cancel_when_gone(request: Request, jobs: list[Job]) -> None:
     """Cancel `jobs` once the client has disconnected. Neither uvicorn nor FastAPI cancels a handler whose client is
     gone (only a stream notices, when it next writes), so a non-streaming request watches for it."""
@@ -485,11 +443,10 @@ async def cancel_when_gone(request: Request, jobs: list[Job]) -> None:
         job.cancelled.set()
 
 
-def stop(jobs: list[Job], futures: list[asyncio.Future]) -> None:
-    """Stop the jobs still generating and drop those still queued."""
-    for job, future in zip(jobs, futures):
+def stop(jobs: list[Job]) -> None:
+    """Stop the jobs still generating and drop those still queued (the engine frees their rows at its next step)."""
+    for job in jobs:
         job.cancelled.set()
-        future.cancel()
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -501,7 +458,7 @@ async def stream_events(
     server: ModelServer, request: Request, jobs: list[Job], completion_id: str, chat: bool, include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in the OpenAI chunk format, ending with `data: [DONE]`: the jobs generate at once (as the
-    pool allows), and their choices are streamed one after the other."""
+    engine's batch allows), and their choices are streamed one after the other."""
     created = int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -515,29 +472,26 @@ async def stream_events(
             return chunk([{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
         return chunk([{"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}])
 
-    streamers = [server.streamer() for _ in jobs]
-    futures = [server.submit(job, streamer) for job, streamer in zip(jobs, streamers)]
-    for streamer, future in zip(streamers, futures):
-        # If generate() fails, the streamer never hears the end: close its queue when the worker is done either way.
-        future.add_done_callback(lambda _, streamer=streamer: streamer.text_queue.put_nowait(streamer.stop_signal))
+    generations = [server.start(job) for job in jobs]  # all generate at once (as the batch allows)
     try:
-        for index, (job, streamer, future) in enumerate(zip(jobs, streamers, futures)):
-            scanner = StopScanner(job.sampling.stop)
+        for index, (job, generation) in enumerate(zip(jobs, generations)):
+            scanner, pieces = StopScanner(job.sampling.stop), server.text_pieces()
             if chat:
                 yield piece(index, role=True)
-            async for text in streamer:
-                if text := scanner.feed(text):
+            async for ids in generation:
+                job.new_tokens += len(ids)
+                if text := scanner.feed(pieces.feed(ids)):
                     yield piece(index, text)
-            new_ids = await future
-            if text := scanner.flush():
+            job.finish_reason = generation.finish_reason
+            if text := scanner.feed(pieces.finish()) + scanner.flush():
                 yield piece(index, text)
-            yield piece(index, finish_reason=server.finish_reason(new_ids, scanner.text, job.sampling, scanner))
+            yield piece(index, finish_reason=server.finish_reason(job, scanner))
         if include_usage:
             yield chunk([], usage=usage(request.state.prompt_tokens, sum(job.new_tokens for job in jobs)))
     except Exception as error:  # headers are sent: report in the stream, as the OpenAI API does
         yield f"data: {json.dumps(APIError(500, f'{type(error).__name__}: {error}', kind='server_error').body())}\n\n"
     finally:
-        stop(jobs, futures)  # a client that closes the stream stops its generation
+        stop(jobs)  # a client that closes the stream stops its generation
         request.state.completion_tokens = sum(job.new_tokens for job in jobs)
     yield "data: [DONE]\n\n"
 

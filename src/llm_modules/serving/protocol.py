@@ -59,9 +59,10 @@ class SamplingRequest(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed takes
-    n: int | None = None  # 1 only: other values get a clear 400 (`ModelServer.sampling`)
+    n: int | None = None  # choices per prompt, 1 to MAX_CHOICES (`ModelServer.sampling`)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None  # vLLM's extension: generate max_tokens whatever the model ends with (load tests)
 
 
 class ChatCompletionRequest(SamplingRequest):
