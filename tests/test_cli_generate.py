@@ -81,3 +81,15 @@ def test_model_that_is_missing_or_not_a_model_dir(command, tmp_path, capsys):
     assert "not a model directory (no config.json" in capsys.readouterr().err
 
 
+
+
+@pytest.mark.parametrize("quantization", ["int8", "fp16"])
+def test_generate_with_a_quantized_frozen_model(model_dir, capsys, one_thread, quantization):
+    # This model's answer comes from its head alone, so it must not change when the frozen part is quantized.
+    assert main(generate_argv(model_dir, "--temperature", "0", "--large-quantization", quantization)) == 0
+    assert capsys.readouterr().out == MARKER + "\n"
+
+
+def test_frozen_model_precision_on_a_plain_model_is_a_usage_error(tiny_pair, capsys):
+    assert main(["generate", "--model", str(tiny_pair[1]), "--prompt", "hi", "--large-quantization", "int8"]) == 2
+    assert "frozen part of a combined model" in capsys.readouterr().err

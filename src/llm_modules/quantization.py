@@ -108,17 +108,20 @@ def quantize_frozen_model(model: nn.Module, method: str = "int8") -> nn.Module:
     swap = Int8Linear if method == "int8" else _float16_linear
     # Module swapping by hand: `torch.ao.quantization.quantize_dynamic` wants the whole model in float32 first (a
     # 1.5B model loaded in bfloat16 would double in memory) and has no per-token activation scales.
-    for name, module in list(model.named_modules()):
+    # Names, not modules: a list holding the replaced modules would keep every layer's float32 copy alive until the end
+    # (measured: 10.3 GiB peak instead of 3.8 for the 1.5B pair).
+    names = [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Embedding)]
+    for name in names:
+        module = model.get_submodule(name)
         if type(module) is nn.Linear:
             with warnings.catch_warnings():  # torch's deprecation notice of torch.ao, once per layer (see above)
                 warnings.simplefilter("ignore", UserWarning)
                 replacement = swap(module)
-        elif type(module) is nn.Embedding:
-            replacement = Float32Embedding(module)
         else:
-            continue
+            replacement = Float32Embedding(module)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        del module, replacement
     for module in model.modules():  # norms and other small float tensors: the quantized layers work in float32
         if not isinstance(module, (Float32Embedding, nn.Embedding)):
             for tensor_name, tensor in list(module.named_parameters(recurse=False)):

@@ -61,6 +61,18 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--large-dtype` and `--large-quantization`: the precision of a combined model's frozen part at load time."""
+    parser.add_argument(
+        "--large-dtype", choices=["float32", "bfloat16", "float16"],
+        help="the frozen model of a combined model (default: bfloat16 on a GPU, float32 on CPU)",
+    )
+    parser.add_argument(
+        "--large-quantization", choices=["int8", "fp16"],
+        help="the frozen model's linear layers on the CPU: int8 (fastest) or float16 weights (README, Performance)",
+    )
+
+
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type: an integer >= `minimum` (argparse then names the flag and exits 2 on anything else)."""
     def parse(text: str) -> int:

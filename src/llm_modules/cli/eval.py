@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import UsageError, int_at_least, read_model_config
+from .common import UsageError, add_frozen_precision_arguments, int_at_least, read_model_config
 
 
 def add_eval(subparsers) -> None:
@@ -26,6 +26,7 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--max-length", type=int_at_least(1), default=4096, help="skip longer rows in the loss")
     parser.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
+    add_frozen_precision_arguments(parser)
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     parser.add_argument("--output", help="also write all metrics and every prediction to this JSON file")
@@ -44,7 +45,13 @@ def run_eval(args: argparse.Namespace) -> None:
     rows = first_rows(load_rows(args.dataset, split=args.split), args.limit)
     if not rows:
         raise UsageError(f"--dataset {args.dataset}: no rows")
-    model, tokenizer = load_model_for_eval(model_source, large_source, args.device, args.trust_remote_code)
+    try:
+        model, tokenizer = load_model_for_eval(
+            model_source, large_source, args.device, args.trust_remote_code, large_dtype=args.large_dtype,
+            large_quantization=args.large_quantization,
+        )
+    except ValueError as error:
+        raise UsageError(f"--model {args.model}: {error}") from error
     results = {"model": args.model, "dataset": args.dataset, **evaluate_dataset(
         model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         max_length=args.max_length, generate=not args.no_generate,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, int_at_least
+from .common import UsageError, add_frozen_precision_arguments, int_at_least
 
 DEFAULT_MAX_NEW_TOKENS = 512  # when --max-new-tokens is not given and the context leaves more
 
@@ -14,6 +14,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a trained combined model dir (llm-modules train --output-dir), or a plain causal LM: a dir, a hub id or "
                         "a .gguf file (its chats use its chat template)")
     parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
+    add_frozen_precision_arguments(parser)
     parser.add_argument("--system", help="system prompt (default: the Bespoke-Stratos one)")
     parser.add_argument(
         "--max-new-tokens", type=int_at_least(1),
@@ -100,7 +101,10 @@ def load_model(args: argparse.Namespace):
     from ..generation import load_model_and_tokenizer
 
     try:
-        return load_model_and_tokenizer(args.model, large_model=args.large_model, device=args.device)
+        return load_model_and_tokenizer(
+            args.model, large_model=args.large_model, device=args.device, large_dtype=args.large_dtype,
+            large_quantization=args.large_quantization,
+        )
     except ValueError as error:  # no tokenizer saved with the model
         raise UsageError(f"--model {args.model}: {error}") from error
 

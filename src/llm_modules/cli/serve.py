@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import int_at_least
+from .common import UsageError, add_frozen_precision_arguments, int_at_least
 
 
 def add_serve(subparsers) -> None:
@@ -18,6 +18,7 @@ def add_serve(subparsers) -> None:
     )
     parser.add_argument("--model", required=True, help="a trained combined model dir (or a Hugging Face causal LM)")
     parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
+    add_frozen_precision_arguments(parser)
     parser.add_argument("--model-name", help="the model id clients ask for (default: the dir's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int_at_least(0), default=8000)
@@ -43,7 +44,13 @@ def run_serve(args: argparse.Namespace) -> None:
     from ..sources import resolve_model_source
 
     source = resolve_model_source(args.model, "--model")
-    model, tokenizer = serving.load_model(source, large_model=args.large_model, device=args.device)
+    try:
+        model, tokenizer = serving.load_model(
+            source, large_model=args.large_model, device=args.device, large_dtype=args.large_dtype,
+            large_quantization=args.large_quantization,
+        )
+    except ValueError as error:
+        raise UsageError(f"--model {args.model}: {error}") from error
     name = args.model_name or (Path(source).name if Path(source).exists() else source)  # a dir's or file's name, or the hub id
     server = serving.ModelServer(
         model, tokenizer, name, max_batch_size=args.max_batch_size,
