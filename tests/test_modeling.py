@@ -203,7 +203,7 @@ def test_training_changes_only_bridge_small_and_head(tiny_pair):
     for name, tensor in model.large.state_dict().items():
         assert torch.equal(large_before[name], tensor), name
     changed = {k for k, v in model.trained_state_dict().items() if not torch.equal(v, trained_before[k])}
-    assert any(k.startswith("bridge.") for k in changed)
+    assert any(k.startswith("bridges.0.") for k in changed)
     assert any(k.startswith("small.") for k in changed)
     assert "lm_head.weight" in changed
 
@@ -265,7 +265,7 @@ def test_weights_that_do_not_fit_the_config_name_the_tensors(tiny_model, tiny_pa
     config["adapter_dim"] = 8
     config["num_cross_attention_layers"] = 1
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unexpected: bridge\.layers\.1\..*wrong shape: bridge\.layers\.0\.adapter"):
+    with pytest.raises(ValueError, match=r"unexpected: bridges\.0\.layers\.1\..*wrong shape: bridges\.0\.layers\.0\.adapter"):
         LLMModulesForCausalLM.from_pretrained(tmp_path / "combined")
 
 
