@@ -22,3 +22,12 @@ def test_format_0_model_loads_with_identical_logits(one_thread):
     with torch.no_grad():
         logits = model(expected["input_ids"], attention_mask=expected["attention_mask"]).logits
     torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=0)
+
+
+def test_public_names_stay_importable_from_modeling():
+    from llm_modules import bridge, cache, modeling
+
+    assert modeling.EnhancedCrossAttention is bridge.EnhancedCrossAttention
+    assert modeling.LLMModulesBridge is bridge.LLMModulesBridge
+    assert modeling.LLMModulesCache is cache.LLMModulesCache
+    assert modeling.cross_attention_mask is bridge.cross_attention_mask

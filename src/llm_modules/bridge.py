@@ -1,7 +1,12 @@
 """The trained bridge from a frozen source's hidden states into the small model: `EnhancedCrossAttention` layers
-stacked by `LLMModulesBridge` (docs/design.md, step 2), and the causal, padding-aware mask they share."""
+stacked by `LLMModulesBridge` (docs/design.md, step 2), the causal, padding-aware mask they share, and the depth
+connections (`DepthConnection`, applied by forward hooks registered for one call)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,3 +182,38 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise ValueError(f"{type(model).__name__} has no list of {count} blocks to connect at depth")
+
+
+@contextmanager
+def forward_hooks(hooks: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Forward hooks registered for the duration of one call only, so their closures carry that call's inputs and
+    nothing is left on the modules (a pretrained model keeps its module tree and weight names)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def block_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def capture_hook(store: dict[int, torch.Tensor], layer: int) -> Callable:
+    """Forward hook keeping a block's output hidden states in `store[layer]`."""
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        store[layer] = block_output(output)
+
+    return hook
+
+
+def depth_hook(
+    connection: DepthConnection, memory: torch.Tensor, mask: torch.Tensor | None, cache_layer: DynamicLayer | None
+) -> Callable:
+    """Forward hook applying `connection` (reading `memory` `[batch, seq, D_L]`) to a small-model block's output."""
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        hidden = connection(memory, block_output(output), mask, cache_layer)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +19,37 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .bridge import DepthConnection, EnhancedCrossAttention, LLMModulesBridge, cross_attention_mask, transformer_blocks
+from .bridge import (
+    DepthConnection,
+    EnhancedCrossAttention,
+    LLMModulesBridge,
+    capture_hook,
+    cross_attention_mask,
+    depth_hook,
+    forward_hooks,
+    transformer_blocks,
+)
 from .cache import LLMModulesCache
 from .configuration import FORMAT_VERSION, LLMModulesConfig
-from .sources import ModelSourceError, load_base_model, load_config, load_tokenizer, resolve_model_source
+from .sources import (
+    ModelSourceError,
+    check_same_vocabulary,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    resolve_model_source,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 
+# The bridge and cache classes moved to bridge.py and cache.py; importing them from here keeps working.
 __all__ = [
-    "DepthConnection", "EnhancedCrossAttention", "LLMModulesBridge", "LLMModulesCache", "LLMModulesForCausalLM", "cross_attention_mask",
+    "DepthConnection",
+    "EnhancedCrossAttention",
+    "LLMModulesBridge",
+    "LLMModulesCache",
+    "LLMModulesForCausalLM",
+    "cross_attention_mask",
     "extend_causal_tables",
 ]
 
@@ -54,30 +74,6 @@ def extend_causal_tables(model: nn.Module, length: int) -> None:
         if window < size:
             grown = grown ^ grown.tril(-window)
         module.bias = grown[None, None]
-
-
-@contextmanager
-def forward_hooks(hooks: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
-    """Forward hooks registered for the duration of one call only, so their closures carry that call's inputs and
-    nothing is left on the modules (a pretrained model keeps its module tree and weight names)."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _block_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _capture_into(store: dict[int, torch.Tensor], layer: int) -> Callable:
-    """Forward hook keeping a block's output hidden states in `store[layer]`."""
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        store[layer] = _block_output(output)
-
-    return hook
 
 
 class LLMModulesPreTrainedModel(PreTrainedModel):
@@ -202,7 +198,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             for i, (source, layers) in enumerate(zip(self.sources, self.read_layers())):
                 tapped: dict[int, torch.Tensor] = {}
                 blocks = transformer_blocks(source) if layers else []
-                hooks = [(blocks[layer], _capture_into(tapped, layer)) for layer in layers]
+                hooks = [(blocks[layer], capture_hook(tapped, layer)) for layer in layers]
                 cache = caches[i] if caches is not None else None
                 with forward_hooks(hooks):
                     out = source(
@@ -321,7 +317,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             depth_mask = cross_attention_mask(attention_mask, length, past + length, self.config.causal_cross_attention)
             small_blocks = transformer_blocks(self.small)
         injections = [
-            (small_blocks[small_layer], self._depth_hook(j, taps[source][source_layer], depth_mask, cache))
+            (small_blocks[small_layer], depth_hook(self.depth[j], taps[source][source_layer], depth_mask, cache.depth[j] if cache is not None else None))
             for j, (source, source_layer, small_layer) in enumerate(self.config.depth_connection_list)
         ]
         with forward_hooks(injections):
@@ -342,16 +338,6 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
             logits = self.lm_head(kept)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
-
-    def _depth_hook(
-        self, index: int, memory: torch.Tensor, mask: torch.Tensor | None, cache: LLMModulesCache | None
-    ) -> Callable:
-        """Forward hook applying depth connection `index` (reading `memory`) to a small-model block's output."""
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            hidden = self.depth[index](memory, _block_output(output), mask, cache.depth[index] if cache is not None else None)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        return hook
 
     def loss_from_hidden(
         self, hidden: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
@@ -418,7 +404,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         small_source = resolve_model_source(small_model_name_or_path, "small model")
         tokenizer = load_tokenizer(large_sources[0], trust_remote_code=trust_remote_code)
         for source in large_sources[1:]:  # before loading any weights
-            _check_same_vocabulary(large_sources[0], tokenizer, source, load_tokenizer(source, trust_remote_code=trust_remote_code))
+            check_same_vocabulary(large_sources[0], tokenizer, source, load_tokenizer(source, trust_remote_code=trust_remote_code))
         sources = [
             _load_frozen_model(
                 source, large_dtype, large_quantization, device_map=device_map,
@@ -628,21 +614,6 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             "trainable": count(p for p in self.parameters() if p.requires_grad),
             "unused_small_embeddings": count(self.small.get_input_embeddings().parameters()),
         }
-
-
-def _check_same_vocabulary(first: str, first_tokenizer: Any, other: str, other_tokenizer: Any) -> None:
-    """Raise ValueError naming both sources, their vocabulary sizes and the first differing token, when two frozen
-    sources do not share one tokenizer (their hidden states would then describe different token sequences)."""
-    vocab_a, vocab_b = first_tokenizer.get_vocab(), other_tokenizer.get_vocab()
-    if vocab_a == vocab_b:
-        return
-    ids_a = {i: t for t, i in vocab_a.items()}
-    ids_b = {i: t for t, i in vocab_b.items()}
-    index = next(i for i in sorted(set(ids_a) | set(ids_b)) if ids_a.get(i) != ids_b.get(i))
-    raise ValueError(
-        f"frozen sources must share one tokenizer: {first} has {len(vocab_a)} tokens, {other} has {len(vocab_b)}; "
-        f"first difference at id {index}: {ids_a.get(index)!r} vs {ids_b.get(index)!r}"
-    )
 
 
 def _load_frozen_model(
