@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from llm_modules import LLMModulesConfig, LLMModulesForCausalLM
+from llm_modules.cli import main as cli_main
 from llm_modules.tiny_models import save_tiny_causal_lm, train_tokenizer
 
 from conftest import CORPUS
@@ -126,7 +127,7 @@ def test_training_step_leaves_every_source_frozen(shared_dirs, name, one_thread)
 
 
 @pytest.mark.parametrize("name", ["3", "2-concat", "2-depth"])
-def test_save_and_reload_only_what_trains(shared_dirs, name, tmp_path, one_thread):
+def test_save_and_reload_only_what_trains(shared_dirs, name, tmp_path, capsys, one_thread):
     model = compose(shared_dirs, name)
     ids = torch.randint(10, model.config.vocab_size, (2, 7))
     with torch.no_grad():
@@ -139,6 +140,10 @@ def test_save_and_reload_only_what_trains(shared_dirs, name, tmp_path, one_threa
     assert config["large_model_name_or_path"] == [str(shared_dirs[s]) for s in SETUPS[name][0]]
     reloaded = LLMModulesForCausalLM.from_pretrained(tmp_path / "combined")
     assert reloaded.config.depth_connections == model.config.depth_connections
+    assert cli_main(["info", "--model", str(tmp_path / "combined")]) == 0
+    assert [line.split()[:3] for line in capsys.readouterr().out.splitlines() if line.startswith("source")] == [
+        ["source", f"{i}:", source] for i, source in enumerate(SETUPS[name][0])
+    ]
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, expected)
 
