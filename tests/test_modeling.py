@@ -203,7 +203,7 @@ def test_training_changes_only_bridge_small_and_head(tiny_pair):
     for name, tensor in model.large.state_dict().items():
         assert torch.equal(large_before[name], tensor), name
     changed = {k for k, v in model.trained_state_dict().items() if not torch.equal(v, trained_before[k])}
-    assert any(k.startswith("bridge.") for k in changed)
+    assert any(k.startswith("bridges.0.") for k in changed)
     assert any(k.startswith("small.") for k in changed)
     assert "lm_head.weight" in changed
 
@@ -233,7 +233,7 @@ def test_save_and_reload_gives_identical_logits_without_large_weights(tiny_model
     tiny_model.save_pretrained(tmp_path / "combined")
     with safe_open(str(tmp_path / "combined" / "model.safetensors"), "pt") as saved:
         keys = list(saved.keys())
-    assert keys and not any(k.startswith("large.") for k in keys)
+    assert keys and not any(k.startswith(("large.", "sources.")) for k in keys)
     assert "small.wte.weight" not in keys  # unused token embeddings are not trained, so not saved
     config = json.loads((tmp_path / "combined" / "config.json").read_text())
     assert config["large_model_name_or_path"] == str(tiny_pair[0])
@@ -265,7 +265,7 @@ def test_weights_that_do_not_fit_the_config_name_the_tensors(tiny_model, tiny_pa
     config["adapter_dim"] = 8
     config["num_cross_attention_layers"] = 1
     config_path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unexpected: bridge\.layers\.1\..*wrong shape: bridge\.layers\.0\.adapter"):
+    with pytest.raises(ValueError, match=r"unexpected: bridges\.0\.layers\.1\..*wrong shape: bridges\.0\.layers\.0\.adapter"):
         LLMModulesForCausalLM.from_pretrained(tmp_path / "combined")
 
 

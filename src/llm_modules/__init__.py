@@ -14,15 +14,18 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LLMModulesConfig": "configuration",
-    "EnhancedCrossAttention": "modeling",
-    "LLMModulesBridge": "modeling",
-    "LLMModulesCache": "modeling",
+    "DepthConnection": "bridge",
+    "EnhancedCrossAttention": "bridge",
+    "LLMModulesBridge": "bridge",
+    "LLMModulesCache": "cache",
     "LLMModulesForCausalLM": "modeling",
 }
 
 if TYPE_CHECKING:
     from .configuration import LLMModulesConfig
-    from .modeling import EnhancedCrossAttention, LLMModulesBridge, LLMModulesCache, LLMModulesForCausalLM
+    from .bridge import DepthConnection, EnhancedCrossAttention, LLMModulesBridge
+    from .cache import LLMModulesCache
+    from .modeling import LLMModulesForCausalLM
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +42,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DepthConnection",
     "EnhancedCrossAttention",
     "LLMModulesBridge",
     "LLMModulesCache",

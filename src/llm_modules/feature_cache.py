@@ -66,6 +66,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def expected_manifest(model: LLMModulesForCausalLM, dataset, *, max_length: int | None, dtype: str) -> dict[str, Any]:
     """What a cache of `dataset` through `model`'s frozen model must record to be reused."""
+    if model.config.num_sources != 1 or model.config.depth_connection_list:
+        raise ValueError("the feature cache holds the last hidden states of one frozen source; this model has "
+                         f"{model.config.num_sources} sources and {len(model.config.depth_connection_list)} depth connections")
     if dtype not in STORAGE:
         raise ValueError(f"feature cache dtype must be one of {sorted(STORAGE)}, got {dtype!r}")
     large = model.large

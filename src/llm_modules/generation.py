@@ -114,8 +114,8 @@ def context_length(model: PreTrainedModel) -> int:
     Raises ValueError when the model's config has no `max_position_embeddings`."""
     config = model.config
     if isinstance(config, LLMModulesConfig):
-        # With zeroed small-model positions only the large model limits the length (docs/design.md).
-        configs = [config.large_config] + ([config.small_config] if config.small_position_embeddings == "keep" else [])
+        # With zeroed small-model positions only the frozen sources limit the length (docs/design.md).
+        configs = config.large_configs + ([config.small_config] if config.small_position_embeddings == "keep" else [])
     else:
         configs = [config]
     limits = [getattr(c, "max_position_embeddings", None) for c in configs]

@@ -1,7 +1,7 @@
-"""LLM Modules: a frozen large causal LM -> Enhanced Cross-Attention bridge -> small causal LM -> new head.
+"""LLM Modules: frozen large causal LMs (the sources) -> Enhanced Cross-Attention bridges -> small causal LM -> new head.
 
-Read top to bottom: `EnhancedCrossAttention`, the `LLMModulesBridge` that stacks them, the `LLMModulesCache` that
-holds the three caches, then `LLMModulesForCausalLM` (forward, generate support, loading and saving).
+The data path reads in one pass in `LLMModulesForCausalLM.forward`: config -> sources -> bridges -> small model ->
+head. The bridge lives in `bridge.py`, the caches in `cache.py`; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -16,39 +16,42 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration import LLMModulesConfig
-from .sources import ModelSourceError, load_base_model, load_config, load_tokenizer, resolve_model_source
+from .bridge import (
+    DepthConnection,
+    EnhancedCrossAttention,
+    LLMModulesBridge,
+    capture_hook,
+    cross_attention_mask,
+    depth_hook,
+    forward_hooks,
+    transformer_blocks,
+)
+from .cache import LLMModulesCache
+from .configuration import FORMAT_VERSION, LLMModulesConfig
+from .sources import (
+    ModelSourceError,
+    check_same_vocabulary,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    resolve_model_source,
+)
 
 WEIGHTS_NAME = "model.safetensors"
 
-
-def cross_attention_mask(
-    attention_mask: torch.Tensor | None, query_length: int, key_length: int, causal: bool
-) -> torch.Tensor | None:
-    """Boolean mask `[batch, 1, query, key]` (True = attend) for queries at the last `query_length` positions.
-
-    Query i sees keys <= i that are not padding. A padding query sees only itself, so no row is empty (an empty
-    row gives NaN) and no padding row reads the future. Returns None when nothing needs masking.
-    """
-    past = key_length - query_length
-    if attention_mask is None or bool(attention_mask.all()):
-        if not causal or query_length == 1:
-            return None
-        attention_mask = None
-    key_pos = torch.arange(key_length, device=attention_mask.device if attention_mask is not None else None)
-    query_pos = key_pos[past:, None]
-    allowed = key_pos[None, :] <= query_pos
-    if not causal:
-        allowed = torch.ones_like(allowed)
-    if attention_mask is not None:
-        valid = attention_mask[:, None, :].bool()
-        allowed = (allowed & valid) | (key_pos[None, :] == query_pos)
-    else:
-        allowed = allowed[None]
-    return allowed[:, None]
+# The bridge and cache classes moved to bridge.py and cache.py; importing them from here keeps working.
+__all__ = [
+    "DepthConnection",
+    "EnhancedCrossAttention",
+    "LLMModulesBridge",
+    "LLMModulesCache",
+    "LLMModulesForCausalLM",
+    "cross_attention_mask",
+    "extend_causal_tables",
+]
 
 
 def extend_causal_tables(model: nn.Module, length: int) -> None:
@@ -73,109 +76,6 @@ def extend_causal_tables(model: nn.Module, length: int) -> None:
         module.bias = grown[None, None]
 
 
-class EnhancedCrossAttention(nn.Module):
-    """Small-width states attend to large-width memory, then an adapter and a sigmoid gate blend in the result.
-
-    Queries come from the small-width states `[.., small_dim]`, keys and values from the large model's projected
-    states `[.., large_dim]`. Output: `g * a + (1 - g) * states` with `g = sigmoid(W [states; a])`.
-    """
-
-    def __init__(self, large_dim: int, small_dim: int, num_heads: int, adapter_dim: int, dropout: float, gate: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = small_dim // num_heads
-        self.dropout = dropout
-        self.query_norm = nn.LayerNorm(small_dim)
-        self.memory_norm = nn.LayerNorm(large_dim)
-        self.q_proj = nn.Linear(small_dim, small_dim)
-        self.k_proj = nn.Linear(large_dim, small_dim)
-        self.v_proj = nn.Linear(large_dim, small_dim)
-        self.o_proj = nn.Linear(small_dim, small_dim)
-        self.adapter_down = nn.Linear(small_dim, adapter_dim)
-        self.adapter_up = nn.Linear(adapter_dim, small_dim)
-        self.adapter_norm = nn.LayerNorm(small_dim)
-        self.adapter_dropout = nn.Dropout(dropout)
-        self.gate = nn.Linear(2 * small_dim, small_dim) if gate else None
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)
-
-    def forward(
-        self,
-        memory: torch.Tensor,
-        states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache_layer: DynamicLayer | None = None,
-    ) -> torch.Tensor:
-        query = self._heads(self.q_proj(self.query_norm(states)))
-        memory = self.memory_norm(memory)
-        key, value = self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
-        if cache_layer is not None:
-            key, value = cache_layer.update(key, value)
-        attended = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        attended = self.o_proj(attended.transpose(1, 2).reshape(states.shape))
-        adapter = self.adapter_up(F.gelu(self.adapter_down(attended)))
-        attended = attended + self.adapter_norm(self.adapter_dropout(adapter))
-        if self.gate is None:
-            return states + attended
-        gate = torch.sigmoid(self.gate(torch.cat([states, attended], dim=-1)))
-        # The blend itself is the new state; the paper's code adds `states` once more and the norm grows per layer.
-        return gate * attended + (1 - gate) * states
-
-
-class LLMModulesBridge(nn.Module):
-    """Large hidden states `[.., D_L]` -> small-model input embeddings `[.., D_S]` (docs/design.md, step 2)."""
-
-    def __init__(self, config: LLMModulesConfig):
-        super().__init__()
-        large, small = config.large_hidden_size, config.small_hidden_size
-        middle = (large + small) // 2
-        self.causal = config.causal_cross_attention
-        self.pre_proj = nn.Linear(large, large)
-        self.proj = nn.Linear(large, small)
-        self.intermediate = nn.Sequential(
-            nn.Linear(large, middle), nn.LayerNorm(middle), nn.GELU(), nn.Linear(middle, small), nn.LayerNorm(small)
-        )
-        self.layers = nn.ModuleList(
-            EnhancedCrossAttention(
-                large, small, config.cross_attention_heads, config.adapter_dim, config.dropout, config.gate
-            )
-            for _ in range(config.num_cross_attention_layers)
-        )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache_layers: list[DynamicLayer] | None = None,
-    ) -> torch.Tensor:
-        pre = self.pre_proj(hidden_states)
-        states = self.intermediate(pre)
-        past = cache_layers[0].get_seq_length() if cache_layers else 0
-        query_length = hidden_states.shape[1]
-        mask = cross_attention_mask(attention_mask, query_length, past + query_length, self.causal)
-        for i, layer in enumerate(self.layers):
-            states = layer(pre, states, mask, cache_layers[i] if cache_layers else None)
-        return states + self.proj(pre)
-
-
-class LLMModulesCache(Cache):
-    """The three caches of a combined model as one `Cache`.
-
-    `layers` is the union of the large model's layers, one layer per cross-attention layer (its keys and values
-    over all past positions) and the small model's layers, so `get_seq_length`, beam reordering, batch expansion
-    and `crop` work unchanged; `large` and `small` are `DynamicCache` views over the same layer objects.
-    """
-
-    def __init__(self, config: LLMModulesConfig):
-        self.large = DynamicCache(config=config.large_config)
-        self.small = DynamicCache(config=config.small_config)
-        self.bridge = [DynamicLayer() for _ in range(config.num_cross_attention_layers)]
-        super().__init__(layers=[*self.large.layers, *self.bridge, *self.small.layers])
-
-
 class LLMModulesPreTrainedModel(PreTrainedModel):
     config_class = LLMModulesConfig
     base_model_prefix = ""
@@ -194,28 +94,56 @@ class LLMModulesPreTrainedModel(PreTrainedModel):
 
 
 class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
-    """Frozen large LM (base transformer, no LM head) -> bridge -> small LM (token embeddings bypassed) -> new head.
+    """Frozen large LMs (base transformers, no LM head) -> bridges -> small LM (token embeddings bypassed) -> new head.
+
+    One frozen source is the paper's model. With several (`config.num_sources`, sharing one tokenizer), each source
+    has its own bridge and the bridges' outputs are summed into the small model's input (`source_fusion="separate"`),
+    or one bridge reads the sources' hidden states concatenated along the width (`"concat"`). For one source both are
+    the paper's single bridge.
 
     `LLMModulesForCausalLM(config)` builds random weights from the config alone; `from_large_and_small` composes
-    two pretrained models; `save_pretrained` stores only what trains and `from_pretrained` reloads the frozen model
-    from the id or path recorded in the config.
+    pretrained models; `save_pretrained` stores only what trains and `from_pretrained` reloads the frozen models
+    from the ids or paths recorded in the config. `sources` and `bridges` are `nn.ModuleList`s (weights under
+    `sources.<i>.` and `bridges.<i>.`); `large` and `bridge` are the first of each.
     """
 
     def __init__(
-        self, config: LLMModulesConfig, large_model: PreTrainedModel | None = None, small_model: PreTrainedModel | None = None
+        self,
+        config: LLMModulesConfig,
+        large_model: PreTrainedModel | list[PreTrainedModel] | None = None,
+        small_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        self.large = large_model if large_model is not None else AutoModel.from_config(config.large_config)
-        self.bridge = LLMModulesBridge(config)
+        given = large_model if isinstance(large_model, (list, tuple)) else [large_model] * config.num_sources
+        if len(given) != config.num_sources:
+            raise ValueError(f"{len(given)} frozen models given for a config of {config.num_sources} sources")
+        self.sources = nn.ModuleList(
+            model if model is not None else AutoModel.from_config(c) for model, c in zip(given, config.large_configs)
+        )
+        self.bridges = nn.ModuleList(LLMModulesBridge(config, width) for width in config.bridge_widths)
+        self.depth = nn.ModuleList(
+            DepthConnection(config.large_configs[i].hidden_size, config.small_hidden_size, config.cross_attention_heads)
+            for i, _, _ in config.depth_connection_list
+        )
         self.small = small_model if small_model is not None else AutoModel.from_config(config.small_config)
         self.lm_head = nn.Linear(config.small_hidden_size, config.vocab_size, bias=False)
         self.tokenizer = None  # the large model's tokenizer, when known; saved with the model
         self.post_init()
         self._freeze()
 
+    @property
+    def large(self) -> PreTrainedModel:
+        """The first frozen source (the anchor: its tokenizer and embeddings are the model's)."""
+        return self.sources[0]
+
+    @property
+    def bridge(self) -> LLMModulesBridge:
+        """The first bridge (the only one with one source or `source_fusion="concat"`)."""
+        return self.bridges[0]
+
     def _freeze(self) -> None:
-        self.large.requires_grad_(False)
-        self.large.eval()
+        self.sources.requires_grad_(False)
+        self.sources.eval()
         # The small model reads the bridge output, never its own token embeddings: free them (GPT-Neo-125M: 38.6M
         # parameters, 147 MiB in fp32, which the paper's code even trains; freeing them keeps the real-size training
         # step under 10 GiB, README Performance). An empty table stays in their place, so the module tree and
@@ -227,7 +155,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
 
     def train(self, mode: bool = True) -> "LLMModulesForCausalLM":
         super().train(mode)
-        self.large.eval()  # frozen means no dropout either, whatever Trainer asks of the whole model
+        self.sources.eval()  # frozen means no dropout either, whatever Trainer asks of the whole model
         return self
 
     def get_input_embeddings(self) -> nn.Module:
@@ -238,6 +166,52 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
 
     # ---- forward --------------------------------------------------------------------------------------------
 
+    def source_hidden_states(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        caches: list[Cache] | None = None,
+    ) -> list[torch.Tensor]:
+        """Last hidden states `[batch, seq, D_i]` of each frozen source, in order (base transformers only: no LM head
+        is ever computed). `caches`: one KV cache per source, or None."""
+        return self._run_sources(input_ids, attention_mask, position_ids, caches)[0]
+
+    def read_layers(self) -> list[list[int]]:
+        """The one place that decides which hidden layers each source returns besides its last: the blocks that depth
+        connections read. Only those are captured (by hooks), never `output_hidden_states`, which keeps all."""
+        layers: list[set[int]] = [set() for _ in range(self.config.num_sources)]
+        for source, source_layer, _ in self.config.depth_connection_list:
+            layers[source].add(source_layer)
+        return [sorted(chosen) for chosen in layers]
+
+    def _run_sources(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        caches: list[Cache] | None,
+    ) -> tuple[list[torch.Tensor], list[dict[int, torch.Tensor]]]:
+        """Each source's last hidden states, and the outputs `{block: [batch, seq, D_i]}` of the blocks it is read at."""
+        states, taps = [], []
+        with torch.no_grad():
+            for i, (source, layers) in enumerate(zip(self.sources, self.read_layers())):
+                tapped: dict[int, torch.Tensor] = {}
+                blocks = transformer_blocks(source) if layers else []
+                hooks = [(blocks[layer], capture_hook(tapped, layer)) for layer in layers]
+                cache = caches[i] if caches is not None else None
+                with forward_hooks(hooks):
+                    out = source(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        cache=cache,
+                        use_cache=cache is not None,
+                    )
+                states.append(out.last_hidden_state)
+                taps.append(tapped)
+        return states, taps
+
     def large_hidden_states(
         self,
         input_ids: torch.LongTensor,
@@ -245,16 +219,13 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        """Last hidden states of the frozen model (its base transformer only: no LM head is ever computed)."""
-        with torch.no_grad():
-            out = self.large(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-            )
-        return out.last_hidden_state
+        """Last hidden states `[batch, seq, D_L]` of the one frozen source (what the feature cache stores).
+
+        Raises ValueError with several sources: use `source_hidden_states`.
+        """
+        if self.config.num_sources != 1:
+            raise ValueError(f"large_hidden_states reads one source; this model has {self.config.num_sources}")
+        return self.source_hidden_states(input_ids, attention_mask, position_ids, [cache] if cache is not None else None)[0]
 
     def forward(
         self,
@@ -265,7 +236,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        large_hidden_states: torch.Tensor | None = None,
+        large_hidden_states: torch.Tensor | list[torch.Tensor] | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
@@ -278,13 +249,17 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             only the labelled positions go through the new head and `logits` is None, which saves the
             `[batch, seq, vocab]` tensor over the large vocabulary.
         logits_to_keep: compute logits for the last N positions only (0 = all), as `generate` asks for.
-        large_hidden_states: precomputed last hidden states of the frozen model (the feature cache); skips it.
+        large_hidden_states: precomputed last hidden states of the frozen model (the feature cache), or a list of
+            one per source; skips the sources.
         num_items_in_batch: labelled tokens in the whole accumulated batch, as `transformers.Trainer` passes it: the
             loss is then this batch's summed cross-entropy over that count, so accumulation equals one big batch.
         """
         if input_ids is None and large_hidden_states is None:
             raise ValueError("Pass input_ids (or large_hidden_states from the feature cache).")
-        reference = input_ids if input_ids is not None else large_hidden_states
+        if input_ids is not None:
+            reference = input_ids
+        else:
+            reference = large_hidden_states[0] if isinstance(large_hidden_states, (list, tuple)) else large_hidden_states
         batch, length = reference.shape[:2]
         if use_cache is None:
             use_cache = not self.training and labels is None
@@ -300,14 +275,28 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
+        # Sources -> bridges: each bridge reads its source (or, "concat", all of them side by side); the bridges'
+        # outputs are summed into the small model's input, which for one source is the paper's bridge output.
         if large_hidden_states is None:
-            large_hidden_states = self.large_hidden_states(
-                input_ids, attention_mask, position_ids, cache.large if cache is not None else None
+            states, taps = self._run_sources(
+                input_ids, attention_mask, position_ids, cache.sources if cache is not None else None
             )
+        elif self.config.depth_connection_list:
+            raise ValueError("large_hidden_states (the feature cache) holds last hidden states only; depth connections "
+                             "need the sources' inner layers: pass input_ids")
+        else:
+            taps = []
+            states = list(large_hidden_states) if isinstance(large_hidden_states, (list, tuple)) else [large_hidden_states]
+            if len(states) != self.config.num_sources:
+                raise ValueError(f"large_hidden_states holds {len(states)} sources; the model has {self.config.num_sources}")
         bridge_dtype = self.bridge.pre_proj.weight.dtype
-        inputs_embeds = self.bridge(
-            large_hidden_states.to(bridge_dtype), attention_mask, cache.bridge if cache is not None else None
-        )
+        states = [state.to(bridge_dtype) for state in states]
+        if self.config.source_fusion == "concat":
+            states = [torch.cat(states, dim=-1)]
+        inputs_embeds = torch.stack([
+            bridge(state, attention_mask, cache.bridges[i] if cache is not None else None)
+            for i, (bridge, state) in enumerate(zip(self.bridges, states))
+        ]).sum(0)
 
         if self.config.small_position_embeddings == "zero":
             small_positions = torch.zeros_like(position_ids)
@@ -321,13 +310,24 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             small_positions = position_ids
         if self.config.small_position_embeddings == "zero":
             extend_causal_tables(self.small, past + length)
-        small_out = self.small(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=small_positions,
-            cache=cache.small if cache is not None else None,
-            use_cache=cache is not None,
-        )
+        # Depth connections: hooks on the small model's blocks rewrite each chosen block's output, so the pretrained
+        # small model runs unchanged (no wrapper renames its weights) and any architecture with a block list works.
+        depth_mask = small_blocks = None
+        if self.depth:
+            depth_mask = cross_attention_mask(attention_mask, length, past + length, self.config.causal_cross_attention)
+            small_blocks = transformer_blocks(self.small)
+        injections = [
+            (small_blocks[small_layer], depth_hook(self.depth[j], taps[source][source_layer], depth_mask, cache.depth[j] if cache is not None else None))
+            for j, (source, source_layer, small_layer) in enumerate(self.config.depth_connection_list)
+        ]
+        with forward_hooks(injections):
+            small_out = self.small(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=small_positions,
+                cache=cache.small if cache is not None else None,
+                use_cache=cache is not None,
+            )
         hidden = small_out.last_hidden_state
 
         loss = None
@@ -370,7 +370,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
     @classmethod
     def from_large_and_small(
         cls,
-        large_model_name_or_path: str | os.PathLike,
+        large_model_name_or_path: str | os.PathLike | list[str | os.PathLike],
         small_model_name_or_path: str | os.PathLike,
         *,
         dtype: torch.dtype | str | None = None,
@@ -381,9 +381,11 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         trust_remote_code: bool = False,
         **config_overrides: Any,
     ) -> "LLMModulesForCausalLM":
-        """Compose a combined model from two pretrained causal LMs (hub ids, local dirs or .gguf files).
+        """Compose a combined model from pretrained causal LMs (hub ids, local dirs or .gguf files).
 
-        The large model's base transformer is loaded frozen (its LM head is never loaded); the small model's base
+        `large_model_name_or_path` is one frozen source or a list of them; several sources must share one tokenizer
+        (the first one's is the model's; ValueError names both sources when a vocabulary differs). Each source's
+        base transformer is loaded frozen (its LM head is never loaded); the small model's base
         transformer is loaded pretrained, or built from its config when `small_init="scratch"`. `dtype` (default
         float32) applies to the trained parts, `large_dtype` (default: `dtype` when given, else the checkpoint's own) to
         the frozen model; `device_map` is passed to the large model and the rest follows it. `quantization_config` (e.g. `BitsAndBytesConfig(load_in_8bit=True)` or
@@ -394,14 +396,23 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         """
         dtype = config_overrides.pop("torch_dtype", dtype)  # the transformers 4.x name, still common in scripts
         large_dtype = large_dtype if large_dtype is not None else dtype
+        names = large_model_name_or_path if isinstance(large_model_name_or_path, (list, tuple)) else [large_model_name_or_path]
+        if not names:
+            raise ValueError("large_model_name_or_path is an empty list: name at least one frozen source")
         # Local paths are recorded absolute, so the saved model reloads from any working directory.
-        large_source = resolve_model_source(large_model_name_or_path, "large model")
+        large_sources = [resolve_model_source(name, "large model") for name in names]
         small_source = resolve_model_source(small_model_name_or_path, "small model")
-        large = _load_frozen_model(
-            large_source, large_dtype, large_quantization, device_map=device_map,
-            quantization_config=quantization_config, trust_remote_code=trust_remote_code,
-        )
-        tokenizer = load_tokenizer(large_source, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(large_sources[0], trust_remote_code=trust_remote_code)
+        for source in large_sources[1:]:  # before loading any weights
+            check_same_vocabulary(large_sources[0], tokenizer, source, load_tokenizer(source, trust_remote_code=trust_remote_code))
+        sources = [
+            _load_frozen_model(
+                source, large_dtype, large_quantization, device_map=device_map,
+                quantization_config=quantization_config, trust_remote_code=trust_remote_code,
+            )
+            for source in large_sources
+        ]
+        large = sources[0]
         # Trained parts default to float32 whatever the checkpoint holds (a bf16 checkpoint would otherwise train in
         # bf16 next to a float32 bridge); `dtype="auto"` keeps the checkpoint's.
         trained_dtype = torch.float32 if dtype is None else _as_dtype(dtype)
@@ -419,25 +430,31 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         }
         config = LLMModulesConfig(
             large_config=large.config,
+            additional_large_configs=[source.config for source in sources[1:]] or None,
             small_config=small_config,
-            large_model_name_or_path=large_source,
+            # A string for one source, so one-source configs read as they always have.
+            large_model_name_or_path=large_sources if len(large_sources) > 1 else large_sources[0],
             small_model_name_or_path=small_source,
             **{**special, **config_overrides},
         )
-        model = cls(config, large_model=large, small_model=small)
+        model = cls(config, large_model=sources, small_model=small)
         device = next(large.parameters()).device
-        for part in (model.bridge, model.small, model.lm_head):
+        for part in model.trained_parts():
             part.to(device=device, dtype=trained_dtype)
         model.tokenizer = tokenizer
         return model
 
+    def trained_parts(self) -> list[nn.Module]:
+        """The modules that train: the bridges, the depth connections, the small model and the head."""
+        return [self.bridges, self.depth, self.small, self.lm_head]
+
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """What training changes: the bridge, the small model (without its unused token embeddings) and the head."""
+        """What training changes: the bridges, the small model (without its unused token embeddings) and the head."""
         frozen_embeddings = {id(p) for p in self.small.get_input_embeddings().parameters()}
         return {
             name: param.detach()
             for name, param in self.named_parameters()
-            if not name.startswith("large.") and id(param) not in frozen_embeddings
+            if not name.startswith("sources.") and id(param) not in frozen_embeddings
         }
 
     def save_pretrained(
@@ -465,6 +482,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
                 "that from_pretrained can reload it"
             )
         self.config.architectures = [type(self).__name__]
+        self.config.format_version = FORMAT_VERSION  # the weights below are in the current layout
         self.config.save_pretrained(directory)
         self.generation_config.save_pretrained(directory)
         trained = self.trained_state_dict()
@@ -490,7 +508,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         *,
-        large_model_name_or_path: str | os.PathLike | None = None,
+        large_model_name_or_path: str | os.PathLike | list[str | os.PathLike] | None = None,
         dtype: torch.dtype | str | None = None,
         large_dtype: torch.dtype | str | None = None,
         large_quantization: str | None = None,
@@ -501,7 +519,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
     ) -> "LLMModulesForCausalLM":
         """Reload a saved combined model: the frozen model from the recorded id/path, the rest from the dir.
 
-        `large_model_name_or_path` points at the frozen model when it moved since saving; `large_dtype`,
+        `large_model_name_or_path` points at the frozen model when it moved since saving (a list, one per source, for
+        a model of several sources); `large_dtype`,
         `large_quantization` and `quantization_config` set its precision, as in `from_large_and_small`.
         """
         directory = Path(resolve_model_source(pretrained_model_name_or_path, "combined model"))
@@ -516,29 +535,36 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             raise ValueError(f"{config_path} is not an llm-modules model (model_type is not 'llm_modules')")
         config = LLMModulesConfig.from_pretrained(directory)
         if large_model_name_or_path is not None:
-            large_source, what = large_model_name_or_path, "large_model_name_or_path"
+            given = large_model_name_or_path
+            names = [str(n) for n in given] if isinstance(given, (list, tuple)) else [str(given)]
+            what = "large_model_name_or_path"
         else:
-            large_source, what = config.large_model_name_or_path, f"large_model_name_or_path (recorded in {config_path})"
+            names, what = config.large_model_names_or_paths, f"large_model_name_or_path (recorded in {config_path})"
+        if len(names) != config.num_sources:
+            raise ValueError(f"{what} names {len(names)} frozen models; the saved model has {config.num_sources} sources")
         hint = ("point at where it is now with LLMModulesForCausalLM.from_pretrained(dir, large_model_name_or_path=...) "
                 "(CLI: --large-model PATH)")
-        try:
-            # A recorded path that is gone fails here, without asking the hub for it.
-            large_source = resolve_model_source(large_source, what)
-        except ModelSourceError as error:
-            raise ModelSourceError(f"{error}; {hint}") from None
-        try:
-            large = _load_frozen_model(
-                large_source, large_dtype if large_dtype is not None else dtype, large_quantization,
-                device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
-            )
-        except (OSError, ValueError) as error:
-            raise ModelSourceError(f"cannot load {what} {large_source!r}: {error}; {hint}") from error
+        sources = []
+        for index, name in enumerate(names):
+            try:
+                # A recorded path that is gone fails here, without asking the hub for it.
+                source = resolve_model_source(name, what)
+            except ModelSourceError as error:
+                raise ModelSourceError(f"{error}; {hint}") from None
+            try:
+                sources.append(_load_frozen_model(
+                    source, large_dtype if large_dtype is not None else dtype, large_quantization,
+                    device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
+                ))
+            except (OSError, ValueError) as error:
+                raise ModelSourceError(f"cannot load {what} {source!r}: {error}; {hint}") from error
+            names[index] = source  # recorded as resolved (absolute)
         if large_model_name_or_path is not None:
-            config.large_model_name_or_path = large_source
-        model = cls(config, large_model=large)
+            config.large_model_name_or_path = names if len(names) > 1 else names[0]
+        model = cls(config, large_model=sources)
         model.load_trained_weights(directory / WEIGHTS_NAME)
-        device = next(large.parameters()).device
-        for part in (model.bridge, model.small, model.lm_head):
+        device = next(sources[0].parameters()).device
+        for part in model.trained_parts():
             part.to(device=device, dtype=_as_dtype(dtype))
         try:
             model.tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -553,6 +579,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         if not path.is_file():
             raise FileNotFoundError(f"no trained weights at {path}")
         state = load_file(str(path))
+        if self.config.format_version == 0:  # one source, its bridge saved as `bridge.`
+            state = {"bridges.0." + k[len("bridge."):] if k.startswith("bridge.") else k: v for k, v in state.items()}
         expected = self.trained_state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -579,8 +607,8 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             return sum(p.numel() for p in params)
 
         return {
-            "frozen_large": count(self.large.parameters()),
-            "bridge": count(self.bridge.parameters()),
+            "frozen_large": count(self.sources.parameters()),
+            "bridge": count(self.bridges.parameters()) + count(self.depth.parameters()),  # depth connections too
             "small_model": count(p for p in self.small.parameters() if p.requires_grad),
             "lm_head": count(self.lm_head.parameters()),
             "trainable": count(p for p in self.parameters() if p.requires_grad),

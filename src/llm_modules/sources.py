@@ -211,3 +211,18 @@ def plain_weights(model: PreTrainedModel) -> PreTrainedModel:
         if config is not None and hasattr(config, "quantization_config"):
             del config.quantization_config
     return model
+
+
+def check_same_vocabulary(first: str, first_tokenizer: Any, other: str, other_tokenizer: Any) -> None:
+    """Raise ValueError naming both sources, their vocabulary sizes and the first differing token, when two frozen
+    sources do not share one tokenizer (their hidden states would then describe different token sequences)."""
+    vocab_a, vocab_b = first_tokenizer.get_vocab(), other_tokenizer.get_vocab()
+    if vocab_a == vocab_b:
+        return
+    ids_a = {i: t for t, i in vocab_a.items()}
+    ids_b = {i: t for t, i in vocab_b.items()}
+    index = next(i for i in sorted(set(ids_a) | set(ids_b)) if ids_a.get(i) != ids_b.get(i))
+    raise ValueError(
+        f"frozen sources must share one tokenizer: {first} has {len(vocab_a)} tokens, {other} has {len(vocab_b)}; "
+        f"first difference at id {index}: {ids_a.get(index)!r} vs {ids_b.get(index)!r}"
+    )

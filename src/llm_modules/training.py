@@ -147,7 +147,7 @@ def parameter_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        part = "bridge" if name.startswith("bridge.") else "small"
+        part = "bridge" if name.startswith(("bridges.", "depth.")) else "small"  # depth connections are bridges too
         groups.setdefault((part, name not in no_decay), []).append(param)
     return [
         {

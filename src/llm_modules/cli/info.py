@@ -51,7 +51,9 @@ def run_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"large model:  {config.large_config.model_type} (width {config.large_hidden_size})")
+    for index, large in enumerate(config.large_configs):
+        label = "large model:" if config.num_sources == 1 else f"source {index}:"
+        print(f"{label:<13} {large.model_type} (width {large.hidden_size})")
     print(f"small model:  {config.small_config.model_type} (width {config.small_hidden_size})")
     for name, value in summary.items():
         print(f"{name:<24} {value:>15,}  ({value / 1e6:,.1f}M)")
