@@ -17,7 +17,9 @@ last request. Prints a Markdown table and the targets, writes
 JSON (--json), stops the server; exits 1 when a request failed or RSS grew more than --max-growth percent.
 
 A request counts as failed when its status is not 200, its stream has an error event or no `[DONE]`, or its usage
-does not show --max-tokens new tokens. Time to first token is measured to the first chunk that carries text.
+does not show --max-tokens new tokens. Time to first token is measured to the first chunk that carries text. The
+"other jobs' CPU" column is the share of the machine's CPU time that processes other than the server and the
+clients used during the level: above a few percent, its numbers are not the server's alone.
 
     flock -x /tmp/llm-modules-cpu.lock python benchmarks/serve_load.py --model tiny --json serve-tiny.json
     flock -x /tmp/llm-modules-cpu.lock python benchmarks/serve_load.py --model real --json serve-real.json
@@ -118,6 +120,28 @@ def start_server(args: argparse.Namespace, workdir: Path, log) -> tuple[subproce
     process.kill()
     log.seek(0)
     raise RuntimeError(f"the server did not start:\n{log.read()[-3000:]}")
+
+
+class CpuMeter:
+    """CPU seconds since it was made: the server's, this process's (the clients), and every other process's (from
+    /proc/stat), so a level that shared the cores with another job says so."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.start = self.read()
+
+    def read(self) -> tuple[float, float, float]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        busy = sum(map(int, fields)) - int(fields[3]) - int(fields[4])  # all but idle and iowait
+        server = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = os.times()
+        return busy / ticks, (int(server[11]) + int(server[12])) / ticks, own.user + own.system
+
+    def others_share(self, seconds: float) -> float:
+        """Share of the machine's CPU time that other processes used since `start` (0 to 1)."""
+        busy, server, own = (now - then for now, then in zip(self.read(), self.start))
+        return max(0.0, busy - server - own) / (seconds * os.cpu_count())
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -224,14 +248,15 @@ def table(levels: list[dict]) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     rows = [
-        "| concurrency | requests | failed | tokens/s | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| concurrency | requests | failed | tokens/s | TTFT p50 s | TTFT p95 s | latency p50 s | latency p95 s "
+        "| other jobs' CPU |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for level in levels:
         rows.append(
             f"| {level['concurrency']} | {level['requests']} | {level['failed']} | {level['tokens_per_s']:.2f} | "
             f"{s(level['ttft_p50_s'])} | {s(level['ttft_p95_s'])} | {s(level['latency_p50_s'])} | "
-            f"{s(level['latency_p95_s'])} |"
+            f"{s(level['latency_p95_s'])} | {100 * level['other_processes_cpu_share']:.0f}% |"
         )
     return "\n".join(rows)
 
@@ -298,8 +323,10 @@ def main() -> int:
                 before = rss_mib(process.pid)
                 levels, failed, requests = [], sum(not o.ok for o in warm), 0
                 for concurrency, count in zip(args.concurrency, args.counts):
+                    meter = CpuMeter(process.pid)
                     seconds, outcomes = asyncio.run(run_level(url, count, concurrency, args.max_tokens, deadline))
                     levels.append(summary(concurrency, seconds, outcomes))
+                    levels[-1]["other_processes_cpu_share"] = round(meter.others_share(seconds), 3)
                     failed, requests = failed + levels[-1]["failed"], requests + len(outcomes)
                     print(f"concurrency {concurrency}: {len(outcomes)} requests in {seconds:.1f} s, "
                           f"{levels[-1]['tokens_per_s']:.2f} tokens/s", file=sys.stderr, flush=True)

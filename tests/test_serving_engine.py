@@ -4,6 +4,7 @@ of `generate` alone, seeds do not depend on the batch, stop strings, EOS, cancel
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -26,14 +27,16 @@ PROMPTS = [
 
 
 class Recording(BatchingEngine):
-    """Records the batch's (rows, length) before each join and the length before and after each trim."""
+    """Records the prompts prefilled (in order, and how many at a time), the batch's (rows, length) before each join
+    and the length before and after each trim."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.joins, self.trims, self.admitted = [], [], []
+        self.joins, self.trims, self.admitted, self.prefills = [], [], [], []
 
     def _prefill(self, admitted):
         self.admitted += [g.request.prompt_ids for g in admitted]
+        self.prefills.append(len(admitted))
         super()._prefill(admitted)
 
     def _join(self, rows, cache, mask, tokens):
@@ -46,9 +49,9 @@ class Recording(BatchingEngine):
         self.trims.append((before, self._mask.shape[1]))
 
 
-def combined(tiny_pair, **options) -> tuple[LLMModulesForCausalLM, object]:
+def combined(large, small, **options) -> tuple[LLMModulesForCausalLM, object]:
     torch.manual_seed(0)
-    model = LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4, **options).eval()
+    model = LLMModulesForCausalLM.from_large_and_small(large, small, cross_attention_heads=4, **options).eval()
     return model, model.tokenizer
 
 
@@ -63,12 +66,18 @@ def greedy_alone(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     return output[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kind", ["combined", "combined-keep-positions", "llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["combined", "combined-keep-positions", "two-sources-at-depth", "llama", "gpt2"])
 def test_greedy_rows_of_a_batch_are_generate_alone(kind, tiny_pair, tiny_dirs, one_thread):
     """Every part's cache, mask and positions: a combined model (zeroed or kept small-model positions; Qwen2 rotary
-    + GPT-Neo local attention) and plain causal LMs (rotary Llama, GPT-2's learned positions)."""
-    if kind.startswith("combined"):
-        model, tokenizer = combined(tiny_pair, **({"small_position_embeddings": "keep"} if "keep" in kind else {}))
+    + GPT-Neo local attention; two frozen sources and a depth connection) and plain causal LMs (rotary Llama,
+    GPT-2's learned positions)."""
+    if kind == "combined":
+        model, tokenizer = combined(*tiny_pair)
+    elif kind == "combined-keep-positions":
+        model, tokenizer = combined(*tiny_pair, small_position_embeddings="keep")
+    elif kind == "two-sources-at-depth":
+        large, small = tiny_pair
+        model, tokenizer = combined([large, large], small, num_depth_connections=1)
     else:
         model, tokenizer = plain(tiny_dirs, kind)
     prompts = [(tokenizer(text)["input_ids"], budget) for text, budget in PROMPTS]
@@ -118,7 +127,7 @@ def test_a_seed_gives_the_same_tokens_alone_and_in_any_batch(tiny_model, one_thr
 
 
 def test_stop_strings_eos_and_ignore_eos(tiny_pair, one_thread):
-    model, tokenizer = combined(tiny_pair)
+    model, tokenizer = combined(*tiny_pair)
     ids = tokenizer("the cat sat")["input_ids"]
     with BatchingEngine(model, tokenizer, max_batch_size=2) as engine:
         free = engine.submit(GenerationRequest(ids, 24, ignore_eos=True)).result()
@@ -155,6 +164,19 @@ def test_cancelling_frees_the_row_and_a_cancelled_queued_request_never_starts(ti
         assert len(after.result()) == 3  # the row was freed
         assert (engine.running, engine.queued) == (0, 0)
     assert engine.admitted == [ids, ids]  # the cancelled request was never prefilled
+
+
+def test_requests_arriving_together_at_an_idle_engine_share_one_prefill(tiny_model, one_thread):
+    tokenizer = tiny_model.tokenizer
+    prompts = [tokenizer(f"dog number {i}")["input_ids"] for i in range(4)]
+    with Recording(tiny_model, tokenizer, max_batch_size=4) as engine:
+        engine._prefill_s = 1.0  # as if a prefill took a second: it waits up to 0.05 s for more requests
+        generations = []
+        for ids in prompts:
+            generations.append(engine.submit(GenerationRequest(ids, 3)))
+            time.sleep(0.005)
+        assert all(len(g.result()) == 3 for g in generations)
+        assert engine.prefills == [4]
 
 
 def test_async_iteration_and_a_failed_step(tiny_model, one_thread):

@@ -3,7 +3,9 @@
 A request (`GenerationRequest`) waits in a first-come-first-served queue until the running batch has a free row
 (`max_batch_size` rows bound the memory), is prefilled together with the other requests admitted at that moment (one
 left-padded batch), and joins the running batch at the next step. It leaves the batch as soon as it ends (EOS, a stop
-string, `max_new_tokens`, or cancellation: a closed connection frees its row at the next step).
+string, `max_new_tokens`, or cancellation: a closed connection frees its row at the next step). When nothing is
+running, the engine waits a moment (a twentieth of a prefill's time, at most 0.1 s) for requests arriving together
+to share one prefill.
 
 Each step runs the model once over the last token of every row, with the cache of everything before: a
 `DynamicCache` for a plain causal LM, or an `LLMModulesCache` for a combined model (the frozen model's KV cache, the
@@ -16,6 +18,10 @@ Each request samples with its own settings and its own `torch.Generator`: a gree
 
 Callers get a request's tokens through its `Generation`: iterate it in a thread, or `async for` it on the event loop
 it was submitted with (`submit(request, loop=...)`).
+
+transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`) needs a paged KV cache that
+every attention layer reads through its paged-attention interface; the bridge's cross-attention and the three caches
+of a combined model do not, so this engine keeps transformers' `Cache` classes and pads rows instead.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +53,9 @@ from ..modeling import LLMModulesCache, LLMModulesForCausalLM, extend_causal_tab
 log = logging.getLogger(__name__)
 
 _END = object()  # the last item of a generation's event queue
+# An idle engine waits this share of its last prefill's time (at most MAX_GATHER_S) for more requests to share the
+# next prefill: clients answered in the same step send their next requests together, a few milliseconds apart.
+GATHER_SHARE, MAX_GATHER_S = 0.05, 0.1
 
 
 @dataclass
@@ -192,6 +202,7 @@ class BatchingEngine:
         self._wakeup = threading.Condition(self._lock)
         self._waiting: deque[Generation] = deque()
         self._prefilling = 0
+        self._prefill_s = 0.0  # how long the last prefill took
         self._closing = False
         self._thread: threading.Thread | None = None
         # The running batch (engine thread only): one row per request, left-padded to the mask's length.
@@ -286,6 +297,7 @@ class BatchingEngine:
 
     def _admit(self) -> list[Generation] | None:
         """The queued requests that fit in the batch now (waiting while there is nothing to do); None when closing."""
+        gathered = False
         with self._wakeup:
             while True:
                 for generation in [g for g in self._waiting if g.request.cancelled.is_set()]:
@@ -297,6 +309,12 @@ class BatchingEngine:
                     self._waiting.clear()
                     return None
                 free = self.max_batch_size - len(self._rows)
+                if self._waiting and not self._rows and len(self._waiting) < free and not gathered:
+                    deadline = time.monotonic() + min(MAX_GATHER_S, GATHER_SHARE * self._prefill_s)
+                    while len(self._waiting) < free and (left := deadline - time.monotonic()) > 0:
+                        self._wakeup.wait(left)
+                    gathered = True
+                    continue  # what waited may have been cancelled meanwhile, or the engine closed
                 if self._waiting and free > 0:
                     admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
                     self._prefilling = len(admitted)
@@ -315,10 +333,12 @@ class BatchingEngine:
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
+        started = time.monotonic()
         try:
             logits = self._forward(ids, mask, positions, cache)
             rows = [self._new_row(g, logits.device) for g in admitted]
             tokens = self._sample(rows, logits)
+            self._prefill_s = time.monotonic() - started
         except Exception as error:
             log.exception("prefill failed")
             with self._lock:
@@ -387,7 +407,9 @@ class BatchingEngine:
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token `[rows]`: argmax for greedy rows; for sampling rows their warpers (one call per
-        group of equal settings) and a draw from their own generator."""
+        group of equal settings) and a draw from their own generator. The draw is written here because
+        `generate`'s sampling draws every row from torch's global generator, so a row's tokens would depend on
+        the rows beside it."""
         tokens = logits.argmax(-1)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(rows):
