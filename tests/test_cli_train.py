@@ -198,3 +198,51 @@ def test_chat_keeps_history_resets_and_exits(trained_dir, monkeypatch, capsys, c
 
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))  # then Ctrl-D (end of input)
     assert main(["chat", "--model", str(trained_dir), "--max-new-tokens", "2"]) == 0
+
+
+def test_train_composes_several_sources_and_generate_and_eval_find_them_moved(tiny_dirs, dataset_file, tmp_path, capsys):
+    import shutil
+
+    # Two sources of different architectures and widths over one tokenizer (the tiny Qwen2 and GPT-Neo share it).
+    large_a, large_b, small = tiny_dirs["qwen2"], tiny_dirs["gpt_neo"], tiny_dirs["gpt_neo"]
+    out = tmp_path / "two"
+    argv = train_argv((large_a, small), dataset_file, out, "--large", str(large_b), "--source-fusion", "concat",
+                      "--num-depth-connections", "1", "--max-steps", "2")
+    assert main(argv) == 0, capsys.readouterr().err
+    # The GPT-Neo source's learned positions end at 256: longer rows are dropped, not an IndexError mid-training.
+    assert f"max_length 4096 lowered to 256: --large {large_b} has 256 positions" in capsys.readouterr().err
+    model = LLMModulesForCausalLM.from_pretrained(out)
+    assert model.config.large_model_name_or_path == [str(large_a), str(large_b)]
+    assert model.config.source_fusion == "concat" and len(model.config.depth_connection_list) == 2
+    assert json.loads((out / "training_options.json").read_text())["large"] == [str(large_a), str(large_b)]
+    card = (out / "README.md").read_text()
+    assert f"`{large_a}` and `{large_b}`" in card and "2 frozen large ones" in card
+
+    # The sources moved: one --large-model per source, in order.
+    moved = [shutil.copytree(d, tmp_path / "moved" / name) for d, name in ((large_a, "a"), (large_b, "b"))]
+    config = json.loads((out / "config.json").read_text())
+    config["large_model_name_or_path"] = [str(tmp_path / "gone-a"), str(tmp_path / "gone-b")]
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    # A short system prompt: the tiny GPT-Neo source has 256 positions, the Stratos one is longer in its tokens.
+    base = ["generate", "--model", str(out), "--prompt", "x", "--max-new-tokens", "3", "--no-stream", "--system", "Be brief."]
+    assert main(base) == 3 and "gone-a" in capsys.readouterr().err
+    assert main([*base, "--large-model", str(moved[0]), "--large-model", str(moved[1])]) == 0
+    eval_argv = ["eval", "--model", str(out), "--dataset", str(dataset_file), "--limit", "2", "--max-new-tokens", "2"]
+    assert main([*eval_argv, "--large-model", str(moved[0]), "--large-model", str(moved[1])]) == 0
+
+
+def test_train_refuses_the_feature_cache_with_several_sources_and_sources_of_other_tokenizers(
+    tiny_dirs, dataset_file, tmp_path, capsys
+):
+    pair = (tiny_dirs["qwen2"], tiny_dirs["gpt_neo"])
+    argv = train_argv(pair, dataset_file, tmp_path / "out", "--large", str(tiny_dirs["gpt_neo"]), "--max-steps", "1",
+                      "--feature-cache", str(tmp_path / "features"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--feature-cache holds the last hidden states of one frozen source" in err and "2 source(s)" in err
+    argv = train_argv(pair, dataset_file, tmp_path / "out", "--large", str(tiny_dirs["llama"]), "--max-steps", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--large: frozen sources must share one tokenizer" in err and "320 tokens" in err and "400" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists() and not (tmp_path / "features").exists()

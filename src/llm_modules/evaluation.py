@@ -232,7 +232,7 @@ def validation_loss(model, dataset, pad_token_id: int, batch_size: int = 8, desc
 
 
 def load_model_for_eval(
-    name_or_path: str, large_model: str | None = None, device: str | None = None, trust_remote_code: bool = False,
+    name_or_path: str, large_model: str | list[str] | None = None, device: str | None = None, trust_remote_code: bool = False,
     large_dtype: str | None = None, large_quantization: str | None = None,
 ):
     """(model, tokenizer) of a saved combined model or of any Hugging Face causal LM (hub id or dir), in eval mode.

@@ -189,7 +189,7 @@ def chat_prompt_ids(
 
 
 def load_model_and_tokenizer(
-    model: str, *, large_model: str | None = None, device: str | None = None, large_dtype: str | None = None,
+    model: str, *, large_model: str | list[str] | None = None, device: str | None = None, large_dtype: str | None = None,
     large_quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A saved combined model, or a plain Hugging Face causal LM (dir, hub id or .gguf file; `sources`), with its

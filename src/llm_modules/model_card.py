@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def write_model_card(
     output_dir: str | os.PathLike,
     options: TrainingOptions | None = None,
-    large: str | None = None,
+    large: str | list[str] | None = None,
     small: str | None = None,
     data: DataReport | str | None = None,
     train_examples: int | None = None,
@@ -33,14 +33,17 @@ def write_model_card(
 
     `data` is the `DataReport` of the training data or a one-line description; None: the card says the data was not
     recorded (it never assumes the default dataset of `options`). `large` and `small` name the base models (default:
-    those in `options`); the hub metadata lists only names that are hub ids, not local paths.
+    those in `options`; `large` may list several frozen sources); the hub metadata lists only names that are hub ids,
+    not local paths.
     """
     from .training import DATA_PREPARATION, TrainingOptions, write_atomic  # training imports this module
 
     options = options or TrainingOptions(output_dir=str(output_dir))
     large, small = large or options.large, small or options.small
+    sources = [large] if isinstance(large, str) else list(large)
+    frozen = " and ".join(f"`{name}`" for name in sources)
     loss = f"{eval_loss:.4f}" if eval_loss is not None and math.isfinite(eval_loss) else "not measured (no validation split)"
-    hub_models = [name for name in (large, small) if not os.path.isabs(name)]
+    hub_models = [name for name in (*sources, small) if not os.path.isabs(name)]
     metadata = ["library_name: llm-modules", "tags: [llm-modules, cross-attention, knowledge-transfer]"]
     if isinstance(data, DataReport) and data.split is not None:
         metadata.append(f"datasets: [{data.source}]")
@@ -58,12 +61,13 @@ def write_model_card(
 {newline.join(metadata)}
 ---
 
-# LLM Modules: {Path(small).name} wired to a frozen {Path(large).name}
+# LLM Modules: {Path(small).name} wired to a frozen {" and ".join(Path(name).name for name in sources)}
 
-A small causal LM (`{small}`, {options.small_init} start) reads the last hidden states of a frozen large one
-(`{large}`) through trainable Enhanced Cross-Attention layers and predicts tokens of the large model's
-tokenizer with a new head (LLM Modules, arXiv 2502.08213). This repository holds only the trained weights (bridge,
-small model, head) and the configs; the frozen model is loaded from `{large}`.
+A small causal LM (`{small}`, {options.small_init} start) reads the last hidden states of \
+{"a frozen large one" if len(sources) == 1 else f"{len(sources)} frozen large ones"} ({frozen}) through trainable \
+Enhanced Cross-Attention layers and predicts tokens of the large model's tokenizer with a new head (LLM Modules, \
+arXiv 2502.08213). This repository holds only the trained weights (bridges, small model, head) and the configs; the \
+frozen {"model is" if len(sources) == 1 else "models are"} loaded from {frozen}.
 
 ## Training
 

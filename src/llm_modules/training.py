@@ -34,7 +34,7 @@ from .model_card import write_model_card
 from .modeling import WEIGHTS_NAME, LLMModulesForCausalLM
 from .training_log import keep_logs_off_terminal
 from .presets import CHOICES, LIMITS, check_option
-from .sources import ModelSourceError, resolve_model_source
+from .sources import ModelSourceError, check_same_vocabulary, load_config, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ OPTIONS_NAME = "training_options.json"
 DATA_OPTIONS = ("large", "small", "dataset", "max_length", "subset", "val_split", "seed", "loss_on", "batch_size", "grad_accum")
 # Options only `prepare_datasets` reads: the model card takes them from the data's `DataReport`, not from the options.
 DATA_PREPARATION = ("dataset", "dataset_split", "dataset_revision", "max_length", "subset", "val_split", "loss_on", "strict")
+
+
+class ConflictingOptionsError(ValueError):
+    """Options that cannot go together (several frozen sources with the feature cache, sources whose tokenizers
+    differ): the command line reports it as bad input."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,7 +66,7 @@ class TrainingOptions:
     """
 
     output_dir: str = "llm-modules-stratos"
-    large: str = "Qwen/Qwen2-1.5B"
+    large: str | list[str] = "Qwen/Qwen2-1.5B"  # or several frozen sources sharing one tokenizer
     small: str = "EleutherAI/gpt-neo-125M"
     dataset: str = DEFAULT_DATASET
     dataset_split: str = "train"
@@ -505,6 +510,26 @@ def check_resume_options(options: TrainingOptions) -> None:
         raise ValueError(f"--resume with other data options than the run in {options.output_dir}: " + ", ".join(changed))
 
 
+def fit_max_length_to_positions(options: TrainingOptions) -> TrainingOptions:
+    """`max_length` lowered to the fewest positions a frozen source (or the small model, when it keeps its
+    positions) has, with a warning: a longer row would index past a learned position table (GPT-2, GPT-Neo) in the
+    middle of training. Sources without `max_position_embeddings` limit nothing."""
+    names = [options.large] if isinstance(options.large, str) else options.large
+    parts = [(name, "--large") for name in names]
+    if options.model_options.get("small_position_embeddings") == "keep":
+        parts.append((options.small, "--small"))
+    limits = []
+    for name, flag in parts:
+        positions = getattr(load_config(name, trust_remote_code=options.trust_remote_code), "max_position_embeddings", None)
+        if positions is not None and positions < options.max_length:
+            limits.append((positions, f"{flag} {name}"))
+    if not limits:
+        return options
+    positions, part = min(limits)
+    logger.warning(f"max_length {options.max_length} lowered to {positions}: {part} has {positions} positions")
+    return dataclasses.replace(options, max_length=positions)
+
+
 def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | None = None) -> TrainingResult:
     """The whole run of `llm-modules train`: compose the pair, prepare the data, cache features if asked, train, save.
 
@@ -514,18 +539,35 @@ def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | No
     """
     from transformers import set_seed
 
+    names = [options.large] if isinstance(options.large, str) else list(options.large)
+    if not names:
+        raise ConflictingOptionsError("large is an empty list: name at least one frozen source")
+    sources = [resolve_model_source(name, "--large") for name in names]
+    depth = options.model_options.get("depth_connections") or options.model_options.get("num_depth_connections")
+    if options.feature_cache and (len(sources) > 1 or depth):
+        raise ConflictingOptionsError(
+            f"--feature-cache holds the last hidden states of one frozen source without depth connections; this run has "
+            f"{len(sources)} source(s){' and depth connections' if depth else ''}: drop --feature-cache"
+        )
     options = dataclasses.replace(
         options,
-        large=resolve_model_source(options.large, "--large"),
+        large=sources[0] if len(sources) == 1 else sources,
         small=resolve_model_source(options.small, "--small"),
         dataset=resolve_dataset_source(options.dataset, "--dataset"),
     )
+    options = fit_max_length_to_positions(options)
     if options.resume:
         check_resume_options(options)
     else:
         refuse_to_mix_runs(options.output_dir)
     # The data first: a bad row or a missing file should not wait for minutes of model loading.
-    tokenizer = AutoTokenizer.from_pretrained(options.large, trust_remote_code=options.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(sources[0], trust_remote_code=options.trust_remote_code)
+    for source in sources[1:]:  # before minutes of data preparation and model loading
+        other = AutoTokenizer.from_pretrained(source, trust_remote_code=options.trust_remote_code)
+        try:
+            check_same_vocabulary(sources[0], tokenizer, source, other)
+        except ValueError as error:
+            raise ConflictingOptionsError(f"--large: {error}") from None
     train_dataset, eval_dataset, report = prepare_datasets(
         options.dataset, tokenizer, max_length=options.max_length, subset=options.subset, val_split=options.val_split,
         seed=options.seed, loss_on=options.loss_on, strict=options.strict, split=options.dataset_split,

@@ -61,6 +61,22 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def add_large_model_argument(parser: argparse.ArgumentParser) -> None:
+    """`--large-model`: where a combined model's frozen source is now, if it moved since training; repeated, in the
+    model's order, for a model with several sources."""
+    parser.add_argument(
+        "--large-model", action="append", metavar="PATH",
+        help="where the frozen large model is now, if it moved since training (repeat it, in order, for each source "
+        "of a model with several)",
+    )
+
+
+def large_model_paths(args: argparse.Namespace) -> str | list[str] | None:
+    """`--large-model` as `from_pretrained(large_model_name_or_path=)` takes it: None, one path, or one per source."""
+    paths = args.large_model or []
+    return None if not paths else paths[0] if len(paths) == 1 else paths
+
+
 def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
     """`--large-dtype` and `--large-quantization`: the precision of a combined model's frozen part at load time."""
     parser.add_argument(

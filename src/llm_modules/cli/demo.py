@@ -15,16 +15,26 @@ def add_demo(subparsers) -> None:
         "half. Shows a progress bar per phase and one line per result; writes results.json, results.md, PNG plots, "
         "the models, and each training run's log (logs/NAME.jsonl) to --output-dir.",
     )
-    parser.add_argument("--output-dir", default="llm-modules-demo", help="where results, models and logs go")
+    parser.add_argument("--output-dir", help="where results, models and logs go (default: llm-modules-demo, or "
+                        "llm-modules-demo-two-sources with --task two-sources)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of every training run")
-    parser.add_argument("--quick", action="store_true", help="64 people and four systems (about 2 minutes on 2 CPU cores; the full run takes about 9)")
+    parser.add_argument("--quick", action="store_true", help="64 people and four systems (about 5 minutes on 2 CPU cores; the full run takes about 13)")
+    parser.add_argument(
+        "--task", choices=["knowledge", "two-sources"], default="knowledge",
+        help="knowledge (default): one source, the paper's setting; two-sources: two sources that each read half of "
+        "every biography, composed in one model (with single-source, concatenated and depth-connection baselines)",
+    )
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    from ..demo import run_demo as demo
+    if args.task == "two-sources":
+        from ..demo.two_sources import run_two_sources_demo as demo
+    else:
+        from ..demo import run_demo as demo
 
-    results = demo(args.output_dir, seed=args.seed, quick=args.quick)
+    output_dir = args.output_dir or ("llm-modules-demo-two-sources" if args.task == "two-sources" else "llm-modules-demo")
+    results = demo(output_dir, seed=args.seed, quick=args.quick)
     print(results["table"])
-    out = Path(args.output_dir)
+    out = Path(output_dir)
     print(f"wall time {results['wall_seconds']:.0f} s; results in {out / 'results.json'}, training logs in {out / 'logs'}")

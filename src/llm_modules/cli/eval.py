@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import UsageError, add_frozen_precision_arguments, int_at_least, read_model_config
+from .common import (
+    UsageError, add_frozen_precision_arguments, add_large_model_argument, int_at_least, read_model_config,
+)
 
 
 def add_eval(subparsers) -> None:
@@ -25,7 +27,7 @@ def add_eval(subparsers) -> None:
     parser.add_argument("--batch-size", type=int_at_least(1), default=8)
     parser.add_argument("--max-length", type=int_at_least(1), default=4096, help="skip longer rows in the loss")
     parser.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
-    parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
+    add_large_model_argument(parser)
     add_frozen_precision_arguments(parser)
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
@@ -41,7 +43,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
     # The models' paths first: a typo should not wait for the dataset to load.
     model_source, _ = read_model_config(args.model, "--model", args.trust_remote_code)
-    large_source = resolve_model_source(args.large_model, "--large-model") if args.large_model else None
+    large = [resolve_model_source(path, "--large-model") for path in args.large_model or []]
+    large_source = None if not large else large[0] if len(large) == 1 else large
     rows = first_rows(load_rows(args.dataset, split=args.split), args.limit)
     if not rows:
         raise UsageError(f"--dataset {args.dataset}: no rows")

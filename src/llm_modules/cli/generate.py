@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import UsageError, add_frozen_precision_arguments, int_at_least
+from .common import (
+    UsageError, add_frozen_precision_arguments, add_large_model_argument, int_at_least, large_model_paths,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 512  # when --max-new-tokens is not given and the context leaves more
 
@@ -13,7 +15,7 @@ DEFAULT_MAX_NEW_TOKENS = 512  # when --max-new-tokens is not given and the conte
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a trained combined model dir (llm-modules train --output-dir), or a plain causal LM: a dir, a hub id or "
                         "a .gguf file (its chats use its chat template)")
-    parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
+    add_large_model_argument(parser)
     add_frozen_precision_arguments(parser)
     parser.add_argument("--system", help="system prompt (default: the Bespoke-Stratos one)")
     parser.add_argument(
@@ -102,7 +104,7 @@ def load_model(args: argparse.Namespace):
 
     try:
         return load_model_and_tokenizer(
-            args.model, large_model=args.large_model, device=args.device, large_dtype=args.large_dtype,
+            args.model, large_model=large_model_paths(args), device=args.device, large_dtype=args.large_dtype,
             large_quantization=args.large_quantization,
         )
     except ValueError as error:  # no tokenizer saved with the model

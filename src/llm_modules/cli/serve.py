@@ -6,7 +6,9 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import UsageError, add_frozen_precision_arguments, int_at_least
+from .common import (
+    UsageError, add_frozen_precision_arguments, add_large_model_argument, int_at_least, large_model_paths,
+)
 
 
 def add_serve(subparsers) -> None:
@@ -17,7 +19,7 @@ def add_serve(subparsers) -> None:
         "/v1/models, /v1/chat/completions, /v1/completions, and /health.",
     )
     parser.add_argument("--model", required=True, help="a trained combined model dir (or a Hugging Face causal LM)")
-    parser.add_argument("--large-model", help="where the frozen large model is now, if it moved since training")
+    add_large_model_argument(parser)
     add_frozen_precision_arguments(parser)
     parser.add_argument("--model-name", help="the model id clients ask for (default: the dir's name)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -46,7 +48,7 @@ def run_serve(args: argparse.Namespace) -> None:
     source = resolve_model_source(args.model, "--model")
     try:
         model, tokenizer = serving.load_model(
-            source, large_model=args.large_model, device=args.device, large_dtype=args.large_dtype,
+            source, large_model=large_model_paths(args), device=args.device, large_dtype=args.large_dtype,
             large_quantization=args.large_quantization,
         )
     except ValueError as error:

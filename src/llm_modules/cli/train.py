@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import presets
-from .common import UsageError
+from .common import UsageError, int_at_least
 
 
 def option(name: str) -> Callable[[str], Any]:
@@ -38,8 +38,14 @@ def add_train(subparsers) -> None:
     add = parser.add_argument
     add("--preset", choices=presets.names(), help=f"start from settings shipped with the package ({preset_help})")
     add("--config", help="YAML or JSON file of training options")
-    add("--large", help="hub id or dir of the frozen large model (default: Qwen/Qwen2-1.5B)")
+    add("--large", action="append", help="hub id, dir or .gguf file of the frozen large model (default: Qwen/Qwen2-1.5B); "
+        "repeat it to compose several frozen sources that share one tokenizer")
     add("--small", help="hub id or dir of the small model (default: EleutherAI/gpt-neo-125M)")
+    add("--source-fusion", choices=["separate", "concat"], help="with several --large: a bridge per source (separate, "
+        "default) or one bridge over their concatenated hidden states")
+    add("--num-depth-connections", type=int_at_least(1), metavar="K",
+        help="add K gated cross-attentions per source from its inner layers into the small model's (CALM-style; "
+        "zero-initialised); default: none, the paper's input bridge only")
     add("--dataset", help="hub id, or a local .json/.jsonl/.parquet file or dir (default: bespokelabs/Bespoke-Stratos-17k)")
     add("--output-dir", help="where checkpoints, the final model and its model card go (default: llm-modules-stratos)")
     steps = parser.add_mutually_exclusive_group()
@@ -87,11 +93,16 @@ def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
 def run_train(args: argparse.Namespace) -> None:
     from ..data import DataFileError, EmptyDatasetError, InvalidRowError
     from ..feature_cache import FeatureCacheMismatch
-    from ..training import TrainingOptions, run_training
+    from ..training import ConflictingOptionsError, TrainingOptions, run_training
 
     preset = presets.load(args.preset) if "preset" in args else {}
     config = read_config_file(args.config) if "config" in args else {}
     flags = {k: v for k, v in vars(args).items() if k not in ("preset", "config", "handler", "command", "debug")}
+    if "large" in flags:  # `--large A` stays the string it always was; several make a list
+        flags["large"] = flags["large"][0] if len(flags["large"]) == 1 else flags["large"]
+    composition = {k: flags.pop(k) for k in ("source_fusion", "num_depth_connections") if k in flags}
+    if composition:  # `LLMModulesConfig` options, on top of a config file's `model_options`
+        flags["model_options"] = {**preset.get("model_options", {}), **config.get("model_options", {}), **composition}
     try:
         options = TrainingOptions.from_dict(merge_options(preset, config, flags))
     except (TypeError, ValueError) as error:
@@ -101,7 +112,7 @@ def run_train(args: argparse.Namespace) -> None:
         result = run_training(options)  # its data report and warnings reach stderr through `main`'s library_messages
     except InvalidRowError as error:
         raise UsageError(f"{options.dataset}: {error} (drop --strict to skip invalid rows)") from error
-    except (DataFileError, EmptyDatasetError, FeatureCacheMismatch, FileExistsError) as error:
+    except (DataFileError, EmptyDatasetError, FeatureCacheMismatch, FileExistsError, ConflictingOptionsError) as error:
         raise UsageError(f"{error}") from error
     if result.trainer.is_world_process_zero():
         loss = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"

@@ -70,12 +70,13 @@ def answer_row(result_b: AnswerResult, result_a: AnswerResult, trainable_params:
     }
 
 
-def native_row(model, tokenizer, world: World, eval_a, predictions_path: Path) -> dict:
-    """The source in its own QA format: exact match of its answer sentence with either of its wordings (`Kalomira
-    lives in Oslo.` or `They live in Oslo.`); well-formed: one of those sentences with any value."""
+def native_row(model, tokenizer, world: World, eval_a, predictions_path: Path, attributes=tuple(ATTRIBUTES)) -> dict:
+    """The source in its own QA format, on the facts of `attributes` (the ones it read): exact match of its answer
+    sentence with either of its wordings (`Kalomira lives in Oslo.` or `They live in Oslo.`); well-formed: one of
+    those sentences with any value."""
     scores = {}
     for split, people in (("b", world.split_b), ("a", eval_a)):
-        pairs = native_answers(model, tokenizer, people)
+        pairs = native_answers(model, tokenizer, people, attributes=attributes)
         if split == "b":
             predictions_path.write_text("".join(json.dumps({"answer": a, "references": r}) + "\n" for a, r in pairs))
         correct = sum(answer in wordings for answer, wordings in pairs)

@@ -8,6 +8,7 @@ only, with a tokenizer trained here. It is saved as an ordinary Hugging Face mod
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,16 +54,19 @@ def build_tokenizer(world: World, vocab_size: int, seed: int) -> PreTrainedToken
     return train_tokenizer(tokenizer_corpus(world, seed), vocab_size=vocab_size)
 
 
-def pretraining_documents(world: World, rounds: int, seed: int) -> list[str]:
-    """`rounds` shuffled passes, each a fresh biography of every person and the QA lines of everyone in A."""
+def pretraining_documents(
+    world: World, rounds: int, seed: int, attributes: Sequence[str] = tuple(ATTRIBUTES)
+) -> list[str]:
+    """`rounds` shuffled passes, each a fresh biography of every person and the QA lines of everyone in A, both about
+    `attributes` only (a source that holds part of the facts)."""
     rng = random.Random(seed)
     documents = []
     for _ in range(rounds):
-        batch = [" ".join(biography(person, rng)) for person in world.people]
+        batch = [" ".join(biography(person, rng, attributes)) for person in world.people]
         for person in world.split_a:
-            attributes = list(ATTRIBUTES)
-            rng.shuffle(attributes)
-            batch.append("\n".join(native_line(person, attribute, rng) for attribute in attributes))
+            shuffled = list(attributes)
+            rng.shuffle(shuffled)
+            batch.append("\n".join(native_line(person, attribute, rng) for attribute in shuffled))
         rng.shuffle(batch)
         documents += batch
     return documents
@@ -109,11 +113,12 @@ def source_config(tokenizer: PreTrainedTokenizerBase, options: SourceOptions):
 
 def pretrain_source(
     world: World, tokenizer: PreTrainedTokenizerBase, directory: str | Path, options: SourceOptions, seed: int,
-    work_dir: str | Path, log_file: Path,
+    work_dir: str | Path, log_file: Path, attributes: Sequence[str] = tuple(ATTRIBUTES),
 ) -> list[dict]:
-    """Pretrain the source from random weights, save it (with its tokenizer) to `directory`; returns the Trainer log
-    (also written to `log_file`)."""
-    dataset = pretraining_dataset(pretraining_documents(world, options.rounds, seed), tokenizer, options, seed)
+    """Pretrain the source from random weights on the facts of `attributes`, save it (with its tokenizer) to
+    `directory`; returns the Trainer log (also written to `log_file`)."""
+    documents = pretraining_documents(world, options.rounds, seed, attributes)
+    dataset = pretraining_dataset(documents, tokenizer, options, seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(source_config(tokenizer, options))
     args = TrainingArguments(
@@ -131,9 +136,12 @@ def pretrain_source(
     return trainer.state.log_history
 
 
-def native_answers(model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64) -> list[tuple[str, tuple[str, str]]]:
-    """(generated answer, its two correct wordings) for every fact of `people`, asked in the source's own QA format."""
-    facts = [(person, attribute) for person in people for attribute in ATTRIBUTES]
+def native_answers(
+    model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64, attributes: Sequence[str] = tuple(ATTRIBUTES)
+) -> list[tuple[str, tuple[str, str]]]:
+    """(generated answer, its two correct wordings) for every fact of `people` about `attributes`, asked in the
+    source's own QA format."""
+    facts = [(person, attribute) for person in people for attribute in attributes]
     prompts = [" " + native_prompt(person, attribute) for person, attribute in facts]  # as in pretraining
     outputs = generate_texts(
         model, tokenizer, prompts, max_new_tokens=12, batch_size=batch_size, stop_strings=["\n"], desc="native QA"

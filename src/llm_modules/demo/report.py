@@ -27,12 +27,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def markdown_table(results: dict[str, Any]) -> str:
+def markdown_table(results: dict[str, Any], systems: dict[str, str] = SYSTEMS) -> str:
     lines = [
         "| system | what | split B exact match | split A exact match | well-formed (B) | trainable params | train s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, what in SYSTEMS.items():
+    for name, what in systems.items():
         row = results["systems"].get(name)
         if row is None:
             continue
@@ -45,8 +45,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy(results: dict[str, Any], path: Path) -> None:
-    names = [name for name in SYSTEMS if name in results["systems"]]
+def plot_accuracy(results: dict[str, Any], path: Path, systems: dict[str, str] = SYSTEMS,
+                  title: str = "Knowledge transfer: answers about people the small model never saw") -> None:
+    names = [name for name in systems if name in results["systems"]]
     figure = Figure(figsize=(9, 4.5), layout="constrained")
     axes = figure.subplots()
     positions = range(len(names))
@@ -59,7 +60,7 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     axes.set_xticks(list(positions), names, rotation=25, ha="right")
     axes.set_ylim(0, 1.05)
     axes.set_ylabel("exact match")
-    axes.set_title("Knowledge transfer: answers about people the small model never saw")
+    axes.set_title(title)
     axes.legend(loc="upper left", fontsize=8)
     figure.savefig(path, dpi=120)
 
@@ -72,7 +73,7 @@ def plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
         points = [(entry["epoch"], entry["loss"]) for entry in history if "loss" in entry and "epoch" in entry]
         if not points:
             continue
-        axes = source_axes if name == "knowledge_source" else task_axes
+        axes = source_axes if name.startswith("knowledge_source") else task_axes
         axes.plot(*zip(*points), label=name)
     source_axes.set_title("knowledge source pretraining")
     source_axes.set_xlabel("round (one pass over the world)")
@@ -86,12 +87,14 @@ def plot_losses(histories: dict[str, list[dict]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def write_report(output_dir: Path, results: dict[str, Any], histories: dict[str, list[dict]]) -> str:
-    """Write results.json, results.md, accuracy.png and loss_curves.png; return the Markdown table."""
+def write_report(output_dir: Path, results: dict[str, Any], histories: dict[str, list[dict]],
+                 systems: dict[str, str] = SYSTEMS, **plot_options: str) -> str:
+    """Write results.json, results.md, accuracy.png and loss_curves.png; return the Markdown table. `systems`: the
+    rows in display order with what each is; `plot_options`: `plot_accuracy`'s title."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
+    table = markdown_table(results, systems)
     write_atomic(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(output_dir / "results.md", table)
-    plot_accuracy(results, output_dir / "accuracy.png")
+    plot_accuracy(results, output_dir / "accuracy.png", systems, **plot_options)
     plot_losses(histories, output_dir / "loss_curves.png")
     return table

@@ -166,15 +166,16 @@ def large_finetuned(
 
 
 def combined(
-    source_dir: Path, small_dir: Path, dataset, tokenizer, options: TaskOptions, output_dir: Path, log_file: Path,
-    causal: bool = True,
+    source_dir: Path | list[Path], small_dir: Path, dataset, tokenizer, options: TaskOptions, output_dir: Path,
+    log_file: Path, causal: bool = True, **model_options: Any,
 ) -> TrainedSystem:
-    """LLM Modules: the frozen source -> bridge -> small model, composed and trained by this library's own code."""
+    """LLM Modules: the frozen source(s) -> bridge(s) -> small model, composed and trained by this library's own code.
+    `model_options` are further `LLMModulesConfig` options (e.g. `source_fusion`, `num_depth_connections`)."""
     torch.manual_seed(options.seed)
     model = LLMModulesForCausalLM.from_large_and_small(
         source_dir, small_dir, cross_attention_heads=options.small_heads, adapter_dim=options.adapter_dim,
         dropout=options.bridge_dropout, causal_cross_attention=causal,
-        small_position_embeddings=options.small_position_embeddings,
+        small_position_embeddings=options.small_position_embeddings, **model_options,
     )
     training = TrainingOptions(
         output_dir=str(output_dir), epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..data import render_prompt
@@ -95,10 +96,10 @@ def make_world(num_a: int, num_b: int, seed: int) -> World:
     return World(split_a=people[:num_a], split_b=people[num_a:])
 
 
-def biography(person: Person, rng: random.Random) -> list[str]:
-    """One paraphrase of the person's biography, as sentences: facts in random order, a random template each, the
-    name in the first sentence and the name or "they" in the others."""
-    attributes = list(person.facts)
+def biography(person: Person, rng: random.Random, attributes: Sequence[str] = tuple(ATTRIBUTES)) -> list[str]:
+    """One paraphrase of the person's biography (the facts of `attributes`), as sentences: facts in random order, a
+    random template each, the name in the first sentence and the name or "they" in the others."""
+    attributes = list(attributes)
     rng.shuffle(attributes)
     sentences = []
     for i, attribute in enumerate(attributes):

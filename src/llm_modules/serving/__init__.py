@@ -500,7 +500,7 @@ async def stream_events(
 
 
 def load_model(
-    model: str | Path, *, large_model: str | None = None, device: str | None = None, large_dtype: str | None = None,
+    model: str | Path, *, large_model: str | list[str] | None = None, device: str | None = None, large_dtype: str | None = None,
     large_quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A saved combined model (or a plain Hugging Face causal LM: a dir, a hub id or a .gguf file) and its tokenizer,

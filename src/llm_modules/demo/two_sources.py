@@ -1,0 +1,212 @@
+"""`llm-modules demo --task two-sources`: two frozen sources, each holding half of the facts, compose in one model.
+
+1. The synthetic world of the default demo (`world.py`): people with four attributes, split into A and B.
+2. Two knowledge sources pretrained from scratch like the default demo's, one tokenizer: source A reads every
+   biography with only the city and the job, source B with only the birth year and the instrument
+   (`SOURCE_ATTRIBUTES`). Neither can answer more than half of the questions.
+3. The default demo's task (Stratos rows about all four attributes), trained on A, evaluated on B.
+4. The systems, same rows and budget: the small model alone, a combined model over each source alone, over both
+   (one bridge per source, `combined_ab`; one bridge over their concatenated states, `combined_ab_concat`), over
+   both with CALM-style depth connections (`combined_ab_depth`), and each source in its own QA format on the facts
+   it read (`teacher_native_a`, `teacher_native_b`: the ceilings).
+
+Output: the default demo's results.json (`systems.NAME.split_b_exact_match`, ...) plus `per_attribute_b` (split B
+exact match per attribute), results.md, accuracy.png, loss_curves.png, predictions, logs, models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from ..data import build_dataset
+from ..evaluation import AnswerResult, evaluate_answers
+from . import answer_row, native_row, no_loading_bars, result_line
+from . import systems as S
+from .knowledge_source import SourceOptions, build_tokenizer, pretrain_source
+from .report import write_atomic, write_report
+from .world import ATTRIBUTES, World, majority_baseline, make_world, task_rows
+
+logger = logging.getLogger(__name__)
+
+# Which facts each source reads: every biography, cut to these attributes.
+SOURCE_ATTRIBUTES: dict[str, tuple[str, ...]] = {"a": ("city", "job"), "b": ("birth_year", "instrument")}
+# Display order and what each system is, for the table and the plot.
+SYSTEMS = {
+    "small_only": "small model alone, fine-tuned",
+    "teacher_native_a": "source A, its own QA format (city, job)",
+    "teacher_native_b": "source B, its own QA format (birth year, instrument)",
+    "combined_a": "LLM Modules over source A",
+    "combined_b": "LLM Modules over source B",
+    "combined_ab": "LLM Modules over A and B, a bridge each",
+    "combined_ab_concat": "LLM Modules over A and B, one bridge over both",
+    "combined_ab_depth": "LLM Modules over A and B, a bridge each + depth connections",
+}
+# The combined systems: which sources they read and their further `LLMModulesConfig` options.
+COMBINED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "combined_a": (("a",), {}),
+    "combined_b": (("b",), {}),
+    "combined_ab": (("a", "b"), {"source_fusion": "separate"}),
+    "combined_ab_concat": (("a", "b"), {"source_fusion": "concat"}),
+    "combined_ab_depth": (("a", "b"), {"source_fusion": "separate", "num_depth_connections": 1}),
+}
+
+
+@dataclass
+class TwoSourcesSettings:
+    people_a: int
+    people_b: int
+    source: SourceOptions
+    task: S.TaskOptions
+    eval_people_a: int  # people of A whose questions measure split-A accuracy (all of B is always measured)
+    systems: tuple[str, ...] = tuple(SYSTEMS)
+    max_new_tokens: int = 40
+    source_attributes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SOURCE_ATTRIBUTES))
+
+
+def default_settings(quick: bool, seed: int) -> TwoSourcesSettings:
+    if quick:
+        return TwoSourcesSettings(
+            people_a=48, people_b=16, eval_people_a=16, source=SourceOptions(), task=S.TaskOptions(epochs=60, seed=seed),
+            systems=("small_only", "combined_a", "combined_b", "combined_ab"),
+        )
+    return TwoSourcesSettings(
+        people_a=150, people_b=50, eval_people_a=30, source=SourceOptions(), task=S.TaskOptions(seed=seed)
+    )
+
+
+def per_attribute(result: AnswerResult, rows: list[dict]) -> dict[str, float]:
+    """Exact match per attribute; `rows` are `task_rows(people)`: person by person, the attributes in order."""
+    attributes = [attribute for _ in range(len(rows) // len(ATTRIBUTES)) for attribute in ATTRIBUTES]
+    return {
+        attribute: sum(p["correct"] for p, a in zip(result.predictions, attributes) if a == attribute)
+        / attributes.count(attribute)
+        for attribute in ATTRIBUTES
+    }
+
+
+def run_two_sources_demo(output_dir: str | Path = "llm-modules-demo-two-sources", seed: int = 0, quick: bool = False,
+                         settings: TwoSourcesSettings | None = None) -> dict[str, Any]:
+    """Run the two-sources experiment; write results.json, results.md and the plots to `output_dir`; return the
+    results. Raises NotADirectoryError when `output_dir` is a file."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file, expected a directory (or a new path)")
+    with tempfile.TemporaryDirectory(prefix="llm-modules-demo-") as scratch, no_loading_bars():
+        return _run(output_dir, seed, quick, settings or default_settings(quick, seed), Path(scratch))
+
+
+def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings, work_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    models_dir, data_dir, logs_dir = output_dir / "models", output_dir / "data", output_dir / "logs"
+    phases = tqdm(total=2 + len(settings.source_attributes) + len(settings.systems), desc="demo", unit="phase")
+
+    phases.set_postfix_str("world and tokenizer")
+    world = make_world(settings.people_a, settings.people_b, seed)
+    tokenizer = build_tokenizer(world, settings.source.vocab_size, seed)  # one tokenizer for both sources
+    rows_a, rows_b = task_rows(world.split_a), task_rows(world.split_b)
+    eval_a = world.split_a[: settings.eval_people_a]
+    rows_eval_a = task_rows(eval_a)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train_a", rows_a), ("eval_b", rows_b)):  # for `llm-modules eval` afterwards
+        write_atomic(data_dir / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    logger.info(f"world: {len(world.split_a)} people in split A (trained on), {len(world.split_b)} in split B "
+                f"(asked about); tokenizer of {len(tokenizer):,} tokens")
+    phases.update()
+
+    histories: dict[str, list[dict]] = {}
+    source_dirs, source_seconds, sources = {}, {}, {}
+    for key, attributes in settings.source_attributes.items():
+        phases.set_postfix_str(f"pretraining source {key.upper()}")
+        source_dirs[key] = (models_dir / f"source_{key}").resolve()
+        start = time.perf_counter()
+        log = pretrain_source(world, tokenizer, source_dirs[key], settings.source, seed, work_dir / f"source_{key}",
+                              logs_dir / f"knowledge_source_{key}.jsonl", attributes)
+        histories[f"knowledge_source_{key}"] = [{**e, "epoch": e["epoch"] * settings.source.rounds} for e in log]
+        source_seconds[key] = time.perf_counter() - start
+        sources[key] = AutoModelForCausalLM.from_pretrained(source_dirs[key]).eval()
+        logger.info(f"knowledge source {key.upper()} ({', '.join(attributes)}): pretrained in {source_seconds[key]:.0f} s")
+        phases.update()
+
+    phases.set_postfix_str("task data")
+    small_dir = S.save_small_model((models_dir / "small_init").resolve(), tokenizer, settings.task)
+    train_dataset, _ = build_dataset(rows_a, tokenizer, max_length=None)
+    phases.update()
+
+    predictions_dir = output_dir / "predictions"
+    predictions_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"systems": {}}
+    for name in settings.systems:
+        phases.set_postfix_str(name)
+        if name.startswith("teacher_native_"):
+            key = name.rsplit("_", 1)[1]
+            row = native_row(sources[key], tokenizer, world, eval_a, predictions_dir / f"{name}.jsonl",
+                             attributes=settings.source_attributes[key])
+            row["attributes"] = list(settings.source_attributes[key])  # its scores cover only the facts it read
+        else:
+            log_file = logs_dir / f"{name}.jsonl"
+            if name == "small_only":
+                trained = S.small_only(train_dataset, tokenizer, settings.task, work_dir, log_file)
+            elif name in COMBINED:
+                keys, options = COMBINED[name]
+                trained = S.combined([source_dirs[k] for k in keys], small_dir, train_dataset, tokenizer, settings.task,
+                                     models_dir / name, log_file, **options)
+            else:
+                raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
+            histories[name] = trained.log_history
+            kwargs = dict(max_new_tokens=settings.max_new_tokens, batch_size=64)
+            result_b = evaluate_answers(trained.model, tokenizer, rows_b, desc=f"{name} on B", **kwargs)
+            result_a = evaluate_answers(trained.model, tokenizer, rows_eval_a, desc=f"{name} on A", **kwargs)
+            write_atomic(predictions_dir / f"{name}.jsonl",
+                         "".join(json.dumps(p) + "\n" for p in result_b.predictions))
+            row = answer_row(result_b, result_a, trained.trainable_params, trained.train_seconds)
+            row["per_attribute_b"] = per_attribute(result_b, rows_b)
+        results["systems"][name] = row
+        logger.info(result_line(name, row))
+        phases.update()
+    phases.close()
+
+    results.update({
+        "task": "two-sources",
+        "majority_baseline_b": majority_baseline(world),
+        "seed": seed,
+        "quick": quick,
+        "world": {"people_a": len(world.split_a), "people_b": len(world.split_b), "attributes": list(ATTRIBUTES)},
+        "sources": {
+            key: {"attributes": list(settings.source_attributes[key]),
+                  "params": sum(p.numel() for p in sources[key].parameters()),
+                  "pretrain_seconds": round(source_seconds[key], 1), "dir": str(source_dirs[key])}
+            for key in sources
+        },
+        "settings": {"source": asdict(settings.source), "task": asdict(settings.task)},
+        "torch_threads": torch.get_num_threads(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    })
+    table = write_report(output_dir, results, histories, systems=SYSTEMS,
+                         title="Two sources, each holding half of the facts: answers about people never seen")
+    results["table"] = table + "\n" + attribute_table(results)
+    write_atomic(output_dir / "results.md", results["table"])
+    return results
+
+
+def attribute_table(results: dict[str, Any]) -> str:
+    """Split B exact match per attribute and system (a teacher's row only over the attributes it read)."""
+    lines = ["| system | " + " | ".join(ATTRIBUTES) + " |", "| --- |" + " ---: |" * len(ATTRIBUTES)]
+    for name in SYSTEMS:
+        row = results["systems"].get(name)
+        if row is None or "per_attribute_b" not in row:
+            continue
+        lines.append(f"| `{name}` | " + " | ".join(f"{row['per_attribute_b'][a]:.3f}" for a in ATTRIBUTES) + " |")
+    return "Split B exact match per attribute:\n\n" + "\n".join(lines) + "\n"
+
+
+__all__ = ["COMBINED", "SOURCE_ATTRIBUTES", "SYSTEMS", "TwoSourcesSettings", "default_settings", "run_two_sources_demo"]
