@@ -1,0 +1,188 @@
+"""`llm-modules demo --real` (issue 12): knowledge transfer on real weights.
+
+Qwen2.5-Coder-1.5B-Instruct frozen, SmolLM2-135M-Instruct trained (both from `llm-modules fetch`), on generated
+arithmetic chosen by measurement (`benchmarks/real_task_measure.py`): the large model answers it natively, the small
+one does not. The rows (`task.py`) train `small_only` and `combined` with one budget; `small_zero_shot` and
+`large_native` ask the untrained models in their own chat templates (`systems.py`). Outputs as the synthetic demo's:
+results.json (`systems.NAME.split_b_exact_match` on held-out questions, `split_a_exact_match` on train questions,
+`format_valid`, `trainable_params`, `train_seconds`, `n_b`), results.md, accuracy.png, loss_curves.png, predictions/,
+data/, logs/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ...fetch import fetch, fetched_model
+from .. import no_loading_bars
+from ..report import plot_losses, write_atomic
+from . import systems as S
+from .report import write_real_report
+from .task import TASKS, Problem, make_split, stratos_row
+
+logger = logging.getLogger(__name__)
+
+SYSTEMS = ("small_zero_shot", "large_native", "small_only", "combined")
+LARGE, SMALL = "qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct"
+
+
+@dataclass
+class RealDemoSettings:
+    """What one run does. `large`/`small` are catalogue names (fetched when missing) or model dirs."""
+
+    task: str = "add3"
+    n_train: int = 300
+    n_eval: int = 100  # held-out questions (split B)
+    n_eval_train: int = 30  # train questions asked again (split A)
+    train: S.RealTrainOptions = field(default_factory=S.RealTrainOptions)
+    systems: tuple[str, ...] = SYSTEMS
+    large: str = LARGE
+    small: str = SMALL
+    eval_batch_size: int = 16
+    max_new_tokens: int = 48  # a row's assistant turn is ~40 Qwen tokens
+
+
+def default_real_settings(quick: bool, seed: int) -> RealDemoSettings:
+    """The full run (fits 45 minutes on 2 cores) or `--quick` (15 minutes): same systems, fewer rows."""
+    if quick:
+        return RealDemoSettings(n_train=120, n_eval=40, n_eval_train=20, train=S.RealTrainOptions(seed=seed))
+    return RealDemoSettings(train=S.RealTrainOptions(seed=seed))
+
+
+def model_dir(name: str) -> Path:
+    """A model dir as given, or the plain dir of catalogue model `name` (fetched first if it is not there)."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser().resolve()
+    found = fetched_model(name)
+    return (found or fetch(name)).plain
+
+
+def run_real_demo(output_dir: str | Path = "llm-modules-demo-real", seed: int = 0, quick: bool = False,
+                  settings: RealDemoSettings | None = None) -> dict[str, Any]:
+    """Run the real-weights experiment; write results.json, results.md, the plots, predictions, data and logs to
+    `output_dir`; return the results (as written to results.json, plus "table", the Markdown table)."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file, expected a directory (or a new path)")
+    settings = settings or default_real_settings(quick, seed)
+    unknown = [name for name in settings.systems if name not in SYSTEMS]
+    if unknown or settings.task not in TASKS:
+        raise ValueError(f"unknown systems {unknown} or task {settings.task!r} (known: {SYSTEMS}, {list(TASKS)})")
+    with tempfile.TemporaryDirectory(prefix="llm-modules-demo-real-") as scratch, no_loading_bars():
+        return _run(output_dir, seed, quick, settings, Path(scratch))
+
+
+def estimate_seconds(settings: RealDemoSettings, row_tokens: int = 75) -> float:
+    """A rough wall time on our 2-core AVX2 VM: constants measured there with the frozen model in float32 (see
+    benchmarks/real_task_*.py), about 0.03 s per frozen-model token in a batch, a second per trained row pass."""
+    frozen_token, train_row, eval_question = 0.03, 1.0, 2.5
+    questions = settings.n_eval + settings.n_eval_train
+    seconds = 60  # loading
+    seconds += questions * eval_question if "large_native" in settings.systems else 0
+    seconds += settings.n_train * row_tokens * frozen_token if "combined" in settings.systems else 0
+    trained = [name for name in ("small_only", "combined") if name in settings.systems]
+    seconds += len(trained) * settings.n_train * settings.train.epochs * train_row
+    seconds += questions * eval_question * 1.5 if "combined" in settings.systems else 0
+    return seconds
+
+
+def _run(output_dir: Path, seed: int, quick: bool, settings: RealDemoSettings, work_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    logs_dir, predictions_dir, data_dir = output_dir / "logs", output_dir / "predictions", output_dir / "data"
+    for directory in (logs_dir, predictions_dir, data_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    logger.info(f"real demo: about {estimate_seconds(settings) / 60:.0f} minutes on a 2-core CPU")
+    phases = tqdm(total=1 + len(settings.systems), desc="demo --real", unit="phase")
+
+    phases.set_postfix_str("models and task")
+    large_dir, small_dir = model_dir(settings.large), model_dir(settings.small)
+    train_problems, held_out = make_split(settings.task, settings.n_train, settings.n_eval, seed)
+    asked_train = train_problems[: settings.n_eval_train]
+    for name, problems in (("train", train_problems), ("eval", held_out)):  # for `llm-modules eval` afterwards
+        write_atomic(data_dir / f"{name}.jsonl", "".join(json.dumps(stratos_row(p)) + "\n" for p in problems))
+    logger.info(f"task {settings.task} ({TASKS[settings.task].description}): {len(train_problems)} train questions, "
+                f"{len(held_out)} held-out questions")
+    phases.update()
+
+    results: dict[str, Any] = {"systems": {}}
+    histories: dict[str, list[dict]] = {}
+    timings: dict[str, float] = {}
+    for name in settings.systems:
+        phases.set_postfix_str(name)
+        start = time.perf_counter()
+        row, history, extra = _system(name, settings, large_dir, small_dir, train_problems, held_out, asked_train,
+                                      output_dir, work_dir, predictions_dir, logs_dir)
+        results["systems"][name] = row
+        results.update(extra)
+        if history:
+            histories[name] = history
+        timings[name] = round(time.perf_counter() - start, 1)
+        logger.info(_result_line(name, row))
+        phases.update()
+    phases.close()
+
+    results.update({
+        "task": {"name": settings.task, "description": TASKS[settings.task].description},
+        "seed": seed, "quick": quick, "large": str(large_dir), "small": str(small_dir),
+        "settings": asdict(settings), "torch_threads": torch.get_num_threads(),
+        "phase_seconds": timings, "wall_seconds": round(time.perf_counter() - started, 1),
+    })
+    results["table"] = write_real_report(output_dir, results)
+    plot_losses(histories, output_dir / "loss_curves.png")
+    return results
+
+
+def _system(name: str, settings: RealDemoSettings, large_dir: Path, small_dir: Path, train_problems: list[Problem],
+            held_out: list[Problem], asked_train: list[Problem], output_dir: Path, work_dir: Path,
+            predictions_dir: Path, logs_dir: Path) -> tuple[dict, list[dict], dict]:
+    """(results row, training log history, extra top-level results) of one system."""
+    batch = settings.eval_batch_size
+    if name in ("small_zero_shot", "large_native"):
+        model, tokenizer = S.load_plain(small_dir if name == "small_zero_shot" else large_dir, torch.float32)
+        b = S.native_predictions(model, tokenizer, held_out, batch_size=batch, desc=f"{name} held-out")
+        a = S.native_predictions(model, tokenizer, asked_train, batch_size=batch, desc=f"{name} train")
+        _write_predictions(predictions_dir / f"{name}.jsonl", b)
+        row = _row(S.accuracy(b), S.accuracy(a), 1.0, 0, 0.0, len(b), len(a))
+        row["format_valid"] = sum(p["answer"] is not None for p in b) / len(b)  # a number was given
+        return row, [], {}
+    if name == "small_only":
+        trained, tokenizer = S.small_only(small_dir, train_problems, settings.train, work_dir, logs_dir / f"{name}.jsonl")
+        extra = {}
+    else:
+        model = S.compose(large_dir, small_dir, settings.train)
+        trained, features = S.combined(model, train_problems, settings.train, output_dir / "models" / "combined",
+                                       work_dir / "features", logs_dir / f"{name}.jsonl")
+        tokenizer, extra = model.tokenizer, {"feature_cache": features}
+    kwargs = dict(batch_size=batch, max_new_tokens=settings.max_new_tokens)
+    b = S.answer_predictions(trained.model, tokenizer, held_out, desc=f"{name} held-out", **kwargs)
+    a = S.answer_predictions(trained.model, tokenizer, asked_train, desc=f"{name} train", **kwargs)
+    _write_predictions(predictions_dir / f"{name}.jsonl", b.predictions)
+    row = _row(b.exact_match, a.exact_match, b.format_valid, trained.trainable_params, trained.train_seconds, b.n, a.n)
+    return row, trained.log_history, extra
+
+
+def _row(b: float, a: float, format_valid: float, params: int, seconds: float, n_b: int, n_a: int) -> dict:
+    return {"split_b_exact_match": b, "split_a_exact_match": a, "format_valid": format_valid,
+            "trainable_params": int(params), "train_seconds": round(seconds, 1), "n_b": n_b, "n_a": n_a}
+
+
+def _write_predictions(path: Path, predictions: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(p) + "\n" for p in predictions))
+
+
+def _result_line(name: str, row: dict) -> str:
+    trained = f"trained in {row['train_seconds']:.0f} s" if row["trainable_params"] else "not trained"
+    return (f"{name}: held-out exact match {row['split_b_exact_match']:.3f} (train questions "
+            f"{row['split_a_exact_match']:.3f}), {trained}")
+
+
+__all__ = ["RealDemoSettings", "SYSTEMS", "default_real_settings", "estimate_seconds", "run_real_demo"]
