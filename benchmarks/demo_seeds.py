@@ -1,6 +1,6 @@
 """The demo over several seeds, as README reports it: mean (min-max) of each system's scores.
 
-    for s in 0 1 2; do llm-modules demo --seed $s --output-dir demo-$s; done
+    for s in 0 1 2; do llm-modules demo --seed $s --output-dir demo-$s; done   # or with --task two-sources
     python benchmarks/demo_seeds.py demo-0 demo-1 demo-2 [--no-times]
 
 `--no-times` leaves out training and wall times (for runs that shared the cores with other work).
@@ -34,6 +34,14 @@ def main(dirs: list[str], times: bool = True) -> None:
     wall = f"; wall time: {spread([r['wall_seconds'] for r in runs], 0)} s" if times else ""
     print(f"\nmajority baseline on split B: {spread([r['majority_baseline_b'] for r in runs], 3)}{wall}; "
           f"n_b = {runs[0]['systems'][names[0]]['n_b']}")
+    with_attributes = [n for n in names if "per_attribute_b" in runs[0]["systems"][n]]
+    if with_attributes:  # `--task two-sources`: split B exact match per attribute
+        attributes = list(runs[0]["systems"][with_attributes[0]]["per_attribute_b"])
+        print("\n| system | " + " | ".join(attributes) + " |")
+        print("| --- |" + " ---: |" * len(attributes))
+        for name in with_attributes:
+            cells = [spread([r["systems"][name]["per_attribute_b"][a] for r in runs], 3) for a in attributes]
+            print(f"| `{name}` | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
