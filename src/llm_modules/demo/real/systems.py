@@ -35,11 +35,11 @@ from .task import Problem, first_number, native_messages, stratos_row
 class RealTrainOptions:
     """One budget for both trained systems (epochs, batch size, seed); learning rates by what is trained."""
 
-    epochs: float = 3
+    epochs: float = 2
     batch_size: int = 8
     seed: int = 0
     lr_bridge: float = 1e-3
-    lr_small: float = 1e-4  # the combined model's small model and new head
+    lr_small: float = 3e-4  # the combined model's small model and its new head (random init: it needs more)
     lr_small_only: float = 1e-4  # every weight of the small model alone
     weight_decay: float = 0.01
     warmup: float = 0.05
