@@ -83,7 +83,8 @@ def help_text(argv: list[str], capsys) -> str:
                  "requests decoded together in one batch", "(--max-concurrency is the old name) (default: 8)"]),
     (["eval"], ["--max-new-tokens MAX_NEW_TOKENS (default: 1024)", "slices work: 'train[-500:]') (default: train)"]),
     (["bench", "decode"], ["(default: 64 256 512)", "--seed SEED (default: 0)"]),
-    (["demo"], ["(default: 0)", "(default: llm-modules-demo)"]),
+    (["demo"], ["(default: 0)", "(default: llm-modules-demo, or llm-modules-demo-two-sources with --task two-sources)",
+                "knowledge (default): one source"]),
 ])
 def test_help_shows_defaults(argv, shown, capsys, monkeypatch):
     monkeypatch.setenv("LLM_MODULES_API_KEY", "secret-key-123")

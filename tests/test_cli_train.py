@@ -69,7 +69,7 @@ def test_train_skips_bad_rows_saves_a_loadable_model_and_a_card(tiny_pair, datas
     saved = json.loads((tmp_path / "out" / "training_options.json").read_text())
     assert [saved["large"], saved["small"], saved["dataset"]] == [str(tiny_pair[0]), str(tiny_pair[1]), str(dataset_file)]
     card = (tmp_path / "out" / "README.md").read_text()
-    assert f"- Data: `{dataset_file}`\n- Rows: {summary}" in card and f"frozen large one\n(`{tiny_pair[0]}`)" in card
+    assert f"- Data: `{dataset_file}`\n- Rows: {summary}" in card and f"a frozen large one (`{tiny_pair[0]}`)" in card
     assert "Final validation loss" in card and '"batch_size": 2' in card
     monkeypatch.chdir(dataset_file.parent)
     model = LLMModulesForCausalLM.from_pretrained(tmp_path / "out")
