@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from ..data import build_dataset
 from ..evaluation import AnswerResult, evaluate_answers
-from . import answer_row, native_row, no_loading_bars, result_line
+from . import DemoSettings, answer_row, native_row, no_loading_bars, result_line
 from . import systems as S
 from .knowledge_source import SourceOptions, build_tokenizer, pretrain_source
 from .report import write_atomic, write_report
@@ -62,14 +62,10 @@ COMBINED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
 
 
 @dataclass
-class TwoSourcesSettings:
-    people_a: int
-    people_b: int
-    source: SourceOptions
-    task: S.TaskOptions
-    eval_people_a: int  # people of A whose questions measure split-A accuracy (all of B is always measured)
+class TwoSourcesSettings(DemoSettings):
+    """The default demo's settings, with this experiment's systems and what each source reads."""
+
     systems: tuple[str, ...] = tuple(SYSTEMS)
-    max_new_tokens: int = 40
     source_attributes: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SOURCE_ATTRIBUTES))
 
 
