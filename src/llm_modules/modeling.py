@@ -33,9 +33,11 @@ from .cache import LLMModulesCache
 from .configuration import FORMAT_VERSION, LLMModulesConfig
 from .sources import (
     ModelSourceError,
+    as_dtype,
     check_same_vocabulary,
     load_base_model,
     load_config,
+    load_frozen_model,
     load_tokenizer,
     resolve_model_source,
 )
@@ -406,7 +408,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         for source in large_sources[1:]:  # before loading any weights
             check_same_vocabulary(large_sources[0], tokenizer, source, load_tokenizer(source, trust_remote_code=trust_remote_code))
         sources = [
-            _load_frozen_model(
+            load_frozen_model(
                 source, large_dtype, large_quantization, device_map=device_map,
                 quantization_config=quantization_config, trust_remote_code=trust_remote_code,
             )
@@ -415,7 +417,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         large = sources[0]
         # Trained parts default to float32 whatever the checkpoint holds (a bf16 checkpoint would otherwise train in
         # bf16 next to a float32 bridge); `dtype="auto"` keeps the checkpoint's.
-        trained_dtype = torch.float32 if dtype is None else _as_dtype(dtype)
+        trained_dtype = torch.float32 if dtype is None else as_dtype(dtype)
         if config_overrides.get("small_init", "pretrained") == "pretrained":
             small = load_base_model(small_source, dtype=trained_dtype or "auto", trust_remote_code=trust_remote_code)
             small_config = small.config
@@ -552,7 +554,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             except ModelSourceError as error:
                 raise ModelSourceError(f"{error}; {hint}") from None
             try:
-                sources.append(_load_frozen_model(
+                sources.append(load_frozen_model(
                     source, large_dtype if large_dtype is not None else dtype, large_quantization,
                     device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
                 ))
@@ -565,7 +567,7 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
         model.load_trained_weights(directory / WEIGHTS_NAME)
         device = next(sources[0].parameters()).device
         for part in model.trained_parts():
-            part.to(device=device, dtype=_as_dtype(dtype))
+            part.to(device=device, dtype=as_dtype(dtype))
         try:
             model.tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError):
@@ -614,28 +616,6 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             "trainable": count(p for p in self.parameters() if p.requires_grad),
             "unused_small_embeddings": count(self.small.get_input_embeddings().parameters()),
         }
-
-
-def _load_frozen_model(
-    source: str, dtype: torch.dtype | str | None, quantization: str | None, **kwargs: Any
-) -> PreTrainedModel:
-    """The frozen base transformer in `dtype`, or int8 (`quantization.quantize_frozen_model`) from bfloat16 weights."""
-    if quantization is None:
-        return load_base_model(source, dtype=_as_dtype(dtype), **kwargs)
-    from .quantization import LARGE_QUANTIZATIONS, quantize_frozen_model
-
-    if quantization not in LARGE_QUANTIZATIONS:  # before loading gigabytes
-        raise ValueError(f"large_quantization must be one of {LARGE_QUANTIZATIONS}, got {quantization!r}")
-    large = load_base_model(source, dtype=_as_dtype(dtype) or torch.bfloat16, **kwargs)
-    return quantize_frozen_model(large, quantization)
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    return getattr(torch, dtype)
 
 
 # `AutoModelForCausalLM.from_pretrained(dir)` then works on saved combined models too.

@@ -1,4 +1,5 @@
-"""Where models come from: one rule for telling a local path from a hub id, and one error for "not a model".
+"""Where models come from: one rule for telling a local path from a hub id, one error for "not a model", and the
+loaders (plain, GGUF, frozen in a dtype or int8).
 
 Every entry point that takes a model name (`from_large_and_small`, `from_pretrained(..., large_model_name_or_path=)`,
 the CLI's `--large/--small/--model/--large-model`) goes through `resolve_model_source`, so a mistyped path fails at
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # Suffixes that only a file name has (a hub id never ends in them).
@@ -226,3 +228,31 @@ def check_same_vocabulary(first: str, first_tokenizer: Any, other: str, other_to
         f"frozen sources must share one tokenizer: {first} has {len(vocab_a)} tokens, {other} has {len(vocab_b)}; "
         f"first difference at id {index}: {ids_a.get(index)!r} vs {ids_b.get(index)!r}"
     )
+
+
+def load_frozen_model(
+    source: str, dtype: torch.dtype | str | None, quantization: str | None, **kwargs: Any
+) -> PreTrainedModel:
+    """The frozen base transformer in `dtype`, or int8 (`quantization.quantize_frozen_model`) from bfloat16 weights.
+    Raises ValueError for an unknown `quantization`, before loading anything."""
+    import torch
+
+    if quantization is None:
+        return load_base_model(source, dtype=as_dtype(dtype), **kwargs)
+    from .quantization import LARGE_QUANTIZATIONS, quantize_frozen_model
+
+    if quantization not in LARGE_QUANTIZATIONS:  # before loading gigabytes
+        raise ValueError(f"large_quantization must be one of {LARGE_QUANTIZATIONS}, got {quantization!r}")
+    large = load_base_model(source, dtype=as_dtype(dtype) or torch.bfloat16, **kwargs)
+    return quantize_frozen_model(large, quantization)
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name (`"float16"`), None for None or `"auto"` (the checkpoint's own dtype)."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    return getattr(torch, dtype)

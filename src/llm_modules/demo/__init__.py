@@ -101,6 +101,17 @@ def run_demo(output_dir: str | Path = "llm-modules-demo", seed: int = 0, quick: 
         return _run(output_dir, seed, quick, settings or default_settings(quick, seed), Path(scratch))
 
 
+def evaluate_system(model, tokenizer, name: str, rows_b: list[dict], rows_eval_a: list[dict], predictions_dir: Path,
+                    max_new_tokens: int) -> tuple[AnswerResult, AnswerResult]:
+    """Greedy answers to every question of split B and of the measured people of A; split B's predictions are
+    written to `predictions_dir/NAME.jsonl`. Returns (split B, split A) results."""
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=64)
+    result_b = evaluate_answers(model, tokenizer, rows_b, desc=f"{name} on B", **kwargs)
+    result_a = evaluate_answers(model, tokenizer, rows_eval_a, desc=f"{name} on A", **kwargs)
+    write_atomic(predictions_dir / f"{name}.jsonl", "".join(json.dumps(p) + "\n" for p in result_b.predictions))
+    return result_b, result_a
+
+
 @contextlib.contextmanager
 def no_loading_bars() -> Iterator[None]:
     """transformers' own progress bars ("Loading weights", "Writing model shards") off: the demo's models load and
@@ -162,11 +173,7 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
     predictions_dir.mkdir(parents=True, exist_ok=True)
 
     def evaluate(model, name: str) -> tuple[AnswerResult, AnswerResult]:
-        kwargs = dict(max_new_tokens=settings.max_new_tokens, batch_size=64)
-        result_b = evaluate_answers(model, tokenizer, rows_b, desc=f"{name} on B", **kwargs)
-        result_a = evaluate_answers(model, tokenizer, rows_eval_a, desc=f"{name} on A", **kwargs)
-        write_atomic(predictions_dir / f"{name}.jsonl", "".join(json.dumps(p) + "\n" for p in result_b.predictions))
-        return result_b, result_a
+        return evaluate_system(model, tokenizer, name, rows_b, rows_eval_a, predictions_dir, settings.max_new_tokens)
 
     results: dict[str, Any] = {"systems": {}}
     task = settings.task
