@@ -24,7 +24,7 @@ def add_demo(subparsers) -> None:
     parser.add_argument(
         "--task", choices=["knowledge", "two-sources"], default="knowledge",
         help="knowledge (default): one source, the paper's setting; two-sources: two sources that each read half of "
-        "every biography, composed in one model (with single-source, concatenated and depth-connection baselines)",
+        "every biography, composed in one model (with single-source and depth-connection baselines)",
     )
     parser.add_argument(
         "--real", action="store_true",
