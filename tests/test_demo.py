@@ -185,7 +185,8 @@ def test_demo_terminal_shows_bars_and_one_line_per_result_and_logs_go_to_files(t
 
     settings = DemoSettings(
         people_a=12, people_b=4, eval_people_a=2, max_new_tokens=8,
-        source=SourceOptions(hidden_size=32, intermediate_size=64, vocab_size=400, rounds=2, batch_size=16),
+        source=SourceOptions(hidden_size=32, intermediate_size=64, vocab_size=400, rounds=2, batch_size=16,
+                             max_extra_blocks=0),
         task=TaskOptions(epochs=1, batch_size=16, small_hidden_size=32, small_only_hidden_size=32, logging_steps=1),
         systems=("small_only", "teacher_native", "combined"),
     )
@@ -202,4 +203,8 @@ def test_demo_terminal_shows_bars_and_one_line_per_result_and_logs_go_to_files(t
     assert [line.split(":")[0] for line in lines[3:]] == ["small_only", "teacher_native", "combined"]
     for name in ("knowledge_source", "small_only", "combined"):
         logs = [json.loads(line) for line in (tmp_path / "demo" / "logs" / f"{name}.jsonl").read_text().splitlines()]
-        assert logs and all("step" in entry for entry in logs) and "train_loss" in logs[-1]
+        assert logs and all("step" in entry for entry in logs)
+        assert "train_loss" in logs[-2 if name == "knowledge_source" else -1]
+    source_log = (tmp_path / "demo" / "logs" / "knowledge_source.jsonl").read_text().splitlines()
+    assert set(json.loads(source_log[-1])["recall_split_a"]) == set(ATTRIBUTES)  # its recall check closes the log
+    assert results["source"]["rounds"] == 2 and len(results["source"]["recall_split_a"]) == 1

@@ -40,7 +40,9 @@ def test_every_combined_system_reads_its_sources():
 def test_tiny_run_writes_the_default_demo_shape_with_per_attribute_scores(tmp_path, one_thread):
     settings = TwoSourcesSettings(
         people_a=12, people_b=4, eval_people_a=2, max_new_tokens=8,
-        source=SourceOptions(hidden_size=32, intermediate_size=64, vocab_size=400, rounds=2, batch_size=16),
+        # a source this small recalls next to nothing after 2 rounds: it reads 1 more round, once
+        source=SourceOptions(hidden_size=32, intermediate_size=64, vocab_size=400, rounds=2, batch_size=16,
+                             extra_rounds=1, max_extra_blocks=1),
         task=TaskOptions(epochs=1, batch_size=16, small_hidden_size=32, small_only_hidden_size=32, logging_steps=1),
         systems=("small_only", "teacher_native_a", "combined_b", "combined_ab_concat", "combined_ab_depth"),
     )
@@ -67,6 +69,13 @@ def test_tiny_run_writes_the_default_demo_shape_with_per_attribute_scores(tmp_pa
     assert (out / "results.md").read_text() == results["table"]
     for name in ("accuracy.png", "loss_curves.png", "logs/knowledge_source_a.jsonl", "logs/knowledge_source_b.jsonl"):
         assert (out / name).stat().st_size > 0
+    for key, attributes in SOURCE_ATTRIBUTES.items():
+        source = saved["sources"][key]
+        assert source["rounds"] == 3 and [set(r) for r in source["recall_split_a"]] == [set(attributes)] * 2
+        log = [json.loads(line) for line in (out / "logs" / f"knowledge_source_{key}.jsonl").read_text().splitlines()]
+        steps = [entry["step"] for entry in log]
+        assert steps == sorted(steps) and log[-1]["epoch"] == 3  # both blocks, counted in rounds
+        assert [entry["recall_split_a"] for entry in log if "recall_split_a" in entry] == source["recall_split_a"]
 
 
 def test_per_attribute_scores_follow_the_row_order():

@@ -148,12 +148,10 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
     phases.set_postfix_str("pretraining the knowledge source")
     source_dir = (models_dir / "source").resolve()
     source_start = time.perf_counter()
-    histories = {"knowledge_source": [
-        {**entry, "epoch": entry["epoch"] * settings.source.rounds}
-        for entry in pretrain_source(
-            world, tokenizer, source_dir, settings.source, seed, work_dir / "source", logs_dir / "knowledge_source.jsonl"
-        )
-    ]}
+    pretrained = pretrain_source(
+        world, tokenizer, source_dir, settings.source, seed, work_dir / "source", logs_dir / "knowledge_source.jsonl"
+    )
+    histories = {"knowledge_source": pretrained.log_history}
     source_seconds = time.perf_counter() - source_start
     source = AutoModelForCausalLM.from_pretrained(source_dir).eval()
     final_loss = [entry["loss"] for entry in histories["knowledge_source"] if "loss" in entry][-1:]
@@ -211,6 +209,8 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: DemoSettings, work_
         "source": {
             "params": sum(p.numel() for p in source.parameters()),
             "pretrain_seconds": round(source_seconds, 1),
+            "rounds": pretrained.rounds,
+            "recall_split_a": pretrained.recall_split_a,
             "dir": str(source_dir),
         },
         "settings": {"source": asdict(settings.source), "task": asdict(settings.task)},

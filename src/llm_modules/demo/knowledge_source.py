@@ -1,12 +1,14 @@
 """The knowledge source: a small Qwen2-architecture model pretrained from scratch on the synthetic world.
 
 It reads biographies of everyone (fresh paraphrases and sentence orders every round) and plain QA lines about split A
-only, with a tokenizer trained here. It is saved as an ordinary Hugging Face model dir and loaded with
+only, with a tokenizer trained here, until it answers its own QA about split A (a few more rounds when it has not
+learnt an attribute yet; it is never tested on split B here). It is saved as an ordinary Hugging Face model dir and loaded with
 `from_pretrained`, the path `Qwen/Qwen2-1.5B` takes in real use.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from ..data import DataCollatorForLLMModules
 from ..evaluation import generate_texts
 from ..tiny_models import train_tokenizer
 from ..training_log import keep_logs_off_terminal, log_file_callbacks
+from .report import write_atomic
 from .world import ATTRIBUTES, World, biography, native_line, native_prompt, pronoun_statement, statement, tokenizer_corpus
 
 
@@ -47,6 +50,13 @@ class SourceOptions:
     batch_size: int = 16
     lr: float = 4e-3
     weight_decay: float = 0.1
+    # After `rounds`, the source is asked its own QA about split A (lines it read, never split B); while an attribute
+    # scores below `recall_target` it reads `extra_rounds` more under a fresh cosine schedule, `max_extra_blocks` times
+    # at most. A source on half the facts sometimes had learnt one attribute and not the other after 120 rounds (jobs
+    # 0.16-0.24 against cities 1.00 on two seeds); 40 more rounds took both of those sources to 1.00.
+    recall_target: float = 0.95
+    extra_rounds: int = 40
+    max_extra_blocks: int = 2
 
 
 def build_tokenizer(world: World, vocab_size: int, seed: int) -> PreTrainedTokenizerFast:
@@ -111,40 +121,76 @@ def source_config(tokenizer: PreTrainedTokenizerBase, options: SourceOptions):
     )
 
 
+@dataclass
+class PretrainedSource:
+    """What `pretrain_source` did: the Trainer log of every block (`epoch` counted in rounds), the rounds read, and
+    the exact match per attribute in its own QA format on split A after each block."""
+
+    log_history: list[dict]
+    rounds: int
+    recall_split_a: list[dict[str, float]]
+
+
 def pretrain_source(
     world: World, tokenizer: PreTrainedTokenizerBase, directory: str | Path, options: SourceOptions, seed: int,
     work_dir: str | Path, log_file: Path, attributes: Sequence[str] = tuple(ATTRIBUTES),
-) -> list[dict]:
-    """Pretrain the source from random weights on the facts of `attributes`, save it (with its tokenizer) to
-    `directory`; returns the Trainer log (also written to `log_file`)."""
-    documents = pretraining_documents(world, options.rounds, seed, attributes)
-    dataset = pretraining_dataset(documents, tokenizer, options, seed)
+) -> PretrainedSource:
+    """Pretrain the source from random weights on the facts of `attributes` until it recalls split A (see
+    `SourceOptions.recall_target`), save it with its tokenizer to `directory`. Its log goes to `log_file`."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(source_config(tokenizer, options))
-    args = TrainingArguments(
-        output_dir=str(work_dir), num_train_epochs=1, per_device_train_batch_size=options.batch_size,
-        learning_rate=options.lr, weight_decay=options.weight_decay, lr_scheduler_type="cosine", warmup_steps=0.05,
-        max_grad_norm=1.0, logging_steps=20, save_strategy="no", report_to="none", seed=seed, use_cpu=True,
-    )
-    trainer = keep_logs_off_terminal(Trainer(
-        model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id),
-        callbacks=log_file_callbacks(log_file),
-    ))
-    trainer.train()
+    history: list[dict] = []
+    recalls: list[dict[str, float]] = []
+    rounds = 0
+    for block in range(1 + options.max_extra_blocks):
+        block_rounds = options.rounds if block == 0 else options.extra_rounds
+        block_seed = seed + 1000 * block  # fresh paraphrases and prefixes in every block
+        documents = pretraining_documents(world, block_rounds, block_seed, attributes)
+        args = TrainingArguments(
+            output_dir=str(Path(work_dir) / f"block_{block}"), num_train_epochs=1,
+            per_device_train_batch_size=options.batch_size, learning_rate=options.lr,
+            weight_decay=options.weight_decay, lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
+            logging_steps=20, save_strategy="no", report_to="none", seed=block_seed, use_cpu=True,
+        )
+        trainer = keep_logs_off_terminal(Trainer(
+            model=model.train(), args=args, train_dataset=pretraining_dataset(documents, tokenizer, options, block_seed),
+            data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id), callbacks=log_file_callbacks(log_file),
+        ))
+        trainer.train()
+        steps = history[-1]["step"] if history else 0
+        history += [{**entry, "step": steps + entry["step"], "epoch": rounds + entry["epoch"] * block_rounds}
+                    for entry in trainer.state.log_history if "epoch" in entry]
+        rounds += block_rounds
+        recalls.append(recall_per_attribute(model.eval(), tokenizer, world.split_a, attributes))
+        history.append({"step": history[-1]["step"], "epoch": rounds, "recall_split_a": recalls[-1]})
+        if min(recalls[-1].values()) >= options.recall_target:
+            break
+    # Each block's Trainer started the log afresh: the whole run replaces it.
+    write_atomic(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return trainer.state.log_history
+    return PretrainedSource(history, rounds, recalls)
+
+
+def recall_per_attribute(
+    model, tokenizer: PreTrainedTokenizerBase, people, attributes: Sequence[str] = tuple(ATTRIBUTES)
+) -> dict[str, float]:
+    """Exact match of the source's answers in its own QA format about `people`, per attribute."""
+    correct = [answer in wordings for answer, wordings in native_answers(model, tokenizer, people, attributes=attributes,
+                                                                    desc="source recall on A")]
+    return {attribute: sum(correct[i :: len(attributes)]) / len(people) for i, attribute in enumerate(attributes)}
 
 
 def native_answers(
-    model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64, attributes: Sequence[str] = tuple(ATTRIBUTES)
+    model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64, attributes: Sequence[str] = tuple(ATTRIBUTES),
+    desc: str = "native QA",
 ) -> list[tuple[str, tuple[str, str]]]:
     """(generated answer, its two correct wordings) for every fact of `people` about `attributes`, asked in the
     source's own QA format."""
     facts = [(person, attribute) for person in people for attribute in attributes]
     prompts = [" " + native_prompt(person, attribute) for person, attribute in facts]  # as in pretraining
     outputs = generate_texts(
-        model, tokenizer, prompts, max_new_tokens=12, batch_size=batch_size, stop_strings=["\n"], desc="native QA"
+        model, tokenizer, prompts, max_new_tokens=12, batch_size=batch_size, stop_strings=["\n"], desc=desc
     )
     return [
         (output.split("\n")[0].strip(), (statement(person, attribute), pronoun_statement(person, attribute)))

@@ -75,11 +75,6 @@ class TwoSourcesSettings(DemoSettings):
 LEARNING_RATE = 6e-3
 
 
-# A quarter more pretraining than the default demo's source: with 120 rounds a half-fact source sometimes learnt one of
-# its two attributes and not the other (seed 1, source A: cities 1.00, jobs 0.16 in its own QA format on split B; seed
-# 2, source B: instruments 0.56), and no composition can answer what its sources do not hold. 150 rounds: 0.97 on
-# seed 1's source A; 180: 1.00 at 1.5 times the time; a higher learning rate (6e-3) left it at 0.58 (README).
-SOURCE_ROUNDS = 150
 # `combined_ab_concat` is left out by default to keep the run within 20 minutes: it lost to a bridge per source
 # (`combined_ab`) on average over 3 seeds (README, "Composition"); pass `systems=tuple(SYSTEMS)` to measure it.
 DEFAULT_SYSTEMS = tuple(name for name in SYSTEMS if name != "combined_ab_concat")
@@ -87,7 +82,7 @@ DEFAULT_SYSTEMS = tuple(name for name in SYSTEMS if name != "combined_ab_concat"
 
 def default_settings(quick: bool, seed: int) -> TwoSourcesSettings:
     task = S.TaskOptions(seed=seed, lr_bridge=LEARNING_RATE, lr_small=LEARNING_RATE)
-    source = SourceOptions(rounds=SOURCE_ROUNDS)
+    source = SourceOptions()
     if quick:
         return TwoSourcesSettings(
             people_a=48, people_b=16, eval_people_a=16, source=source, task=replace(task, epochs=60),
@@ -137,17 +132,19 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings,
     phases.update()
 
     histories: dict[str, list[dict]] = {}
-    source_dirs, source_seconds, sources = {}, {}, {}
+    source_dirs, source_seconds, sources, pretrained = {}, {}, {}, {}
     for key, attributes in settings.source_attributes.items():
         phases.set_postfix_str(f"pretraining source {key.upper()}")
         source_dirs[key] = (models_dir / f"source_{key}").resolve()
         start = time.perf_counter()
-        log = pretrain_source(world, tokenizer, source_dirs[key], settings.source, seed, work_dir / f"source_{key}",
-                              logs_dir / f"knowledge_source_{key}.jsonl", attributes)
-        histories[f"knowledge_source_{key}"] = [{**e, "epoch": e["epoch"] * settings.source.rounds} for e in log]
+        pretrained[key] = pretrain_source(world, tokenizer, source_dirs[key], settings.source, seed,
+                                          work_dir / f"source_{key}", logs_dir / f"knowledge_source_{key}.jsonl",
+                                          attributes)
+        histories[f"knowledge_source_{key}"] = pretrained[key].log_history
         source_seconds[key] = time.perf_counter() - start
         sources[key] = AutoModelForCausalLM.from_pretrained(source_dirs[key]).eval()
-        logger.info(f"knowledge source {key.upper()} ({', '.join(attributes)}): pretrained in {source_seconds[key]:.0f} s")
+        logger.info(f"knowledge source {key.upper()} ({', '.join(attributes)}): pretrained in {source_seconds[key]:.0f} s"
+                    f", {pretrained[key].rounds} rounds")
         phases.update()
 
     phases.set_postfix_str("task data")
@@ -194,7 +191,8 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings,
         "sources": {
             key: {"attributes": list(settings.source_attributes[key]),
                   "params": sum(p.numel() for p in sources[key].parameters()),
-                  "pretrain_seconds": round(source_seconds[key], 1), "dir": str(source_dirs[key])}
+                  "pretrain_seconds": round(source_seconds[key], 1), "rounds": pretrained[key].rounds,
+                  "recall_split_a": pretrained[key].recall_split_a, "dir": str(source_dirs[key])}
             for key in sources
         },
         "settings": {"source": asdict(settings.source), "task": asdict(settings.task)},
