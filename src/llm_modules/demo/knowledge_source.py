@@ -2,8 +2,8 @@
 
 It reads biographies of everyone (fresh paraphrases and sentence orders every round) and plain QA lines about split A
 only, with a tokenizer trained here, until it answers its own QA about split A (a few more rounds when it has not
-learnt an attribute yet; it is never tested on split B here). It is saved as an ordinary Hugging Face model dir and loaded with
-`from_pretrained`, the path `Qwen/Qwen2-1.5B` takes in real use.
+learnt an attribute yet; it is never tested on split B here). It is saved as an ordinary Hugging Face model dir and
+loaded with `from_pretrained`, the path `Qwen/Qwen2-1.5B` takes in real use.
 """
 
 from __future__ import annotations
