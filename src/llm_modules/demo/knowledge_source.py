@@ -153,7 +153,8 @@ def pretrain_source(
             logging_steps=20, save_strategy="no", report_to="none", seed=block_seed, use_cpu=True,
         )
         trainer = keep_logs_off_terminal(Trainer(
-            model=model.train(), args=args, train_dataset=pretraining_dataset(documents, tokenizer, options, block_seed),
+            model=model.train(), args=args,
+            train_dataset=pretraining_dataset(documents, tokenizer, options, block_seed),
             data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id), callbacks=log_file_callbacks(log_file),
         ))
         trainer.train()
@@ -176,14 +177,14 @@ def recall_per_attribute(
     model, tokenizer: PreTrainedTokenizerBase, people, attributes: Sequence[str] = tuple(ATTRIBUTES)
 ) -> dict[str, float]:
     """Exact match of the source's answers in its own QA format about `people`, per attribute."""
-    correct = [answer in wordings for answer, wordings in native_answers(model, tokenizer, people, attributes=attributes,
-                                                                    desc="source recall on A")]
+    pairs = native_answers(model, tokenizer, people, attributes=attributes, desc="source recall on A")
+    correct = [answer in wordings for answer, wordings in pairs]
     return {attribute: sum(correct[i :: len(attributes)]) / len(people) for i, attribute in enumerate(attributes)}
 
 
 def native_answers(
-    model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64, attributes: Sequence[str] = tuple(ATTRIBUTES),
-    desc: str = "native QA",
+    model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64,
+    attributes: Sequence[str] = tuple(ATTRIBUTES), desc: str = "native QA",
 ) -> list[tuple[str, tuple[str, str]]]:
     """(generated answer, its two correct wordings) for every fact of `people` about `attributes`, asked in the
     source's own QA format."""

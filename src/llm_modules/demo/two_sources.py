@@ -143,8 +143,8 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings,
         histories[f"knowledge_source_{key}"] = pretrained[key].log_history
         source_seconds[key] = time.perf_counter() - start
         sources[key] = AutoModelForCausalLM.from_pretrained(source_dirs[key]).eval()
-        logger.info(f"knowledge source {key.upper()} ({', '.join(attributes)}): pretrained in {source_seconds[key]:.0f} s"
-                    f", {pretrained[key].rounds} rounds")
+        logger.info(f"knowledge source {key.upper()} ({', '.join(attributes)}): pretrained in "
+                    f"{source_seconds[key]:.0f} s, {pretrained[key].rounds} rounds")
         phases.update()
 
     phases.set_postfix_str("task data")
