@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from llm_modules.cli import main
 from llm_modules.demo.knowledge_source import SourceOptions, pretraining_documents
 from llm_modules.demo.systems import TaskOptions
@@ -96,3 +98,30 @@ def test_cli_two_sources_refuses_a_file_as_output_dir(tmp_path, capsys):
     target.write_text("keep me")
     assert main(["demo", "--task", "two-sources", "--output-dir", str(target)]) == 3
     assert "is a file, expected a directory" in capsys.readouterr().err and target.read_text() == "keep me"
+
+
+def test_sources_pretrained_side_by_side_equal_those_pretrained_one_after_the_other(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from llm_modules.demo.knowledge_source import build_tokenizer
+    from llm_modules.demo.two_sources import pretrain_sources
+
+    world = make_world(12, 4, seed=0)
+    source = SourceOptions(hidden_size=32, intermediate_size=64, vocab_size=400, rounds=2, batch_size=16,
+                           max_extra_blocks=0)
+    settings = TwoSourcesSettings(people_a=12, people_b=4, eval_people_a=2, source=source, task=TaskOptions())
+    tokenizer = build_tokenizer(world, source.vocab_size, seed=0)
+    runs = {}
+    for workers in (1, 2):  # in this process; in two worker processes of one thread each
+        root = tmp_path / f"workers_{workers}"
+        dirs = {key: root / f"source_{key}" for key in SOURCE_ATTRIBUTES}
+        runs[workers] = pretrain_sources(world, tokenizer, settings, 0, dirs, root / "work", root / "logs", workers)
+        assert set(runs[workers]) == set(SOURCE_ATTRIBUTES)
+    for key in SOURCE_ATTRIBUTES:
+        (one, _), (two, seconds) = runs[1][key], runs[2][key]
+        assert seconds > 0 and one.rounds == two.rounds == 2 and one.recall_split_a == two.recall_split_a
+        losses = [[entry["train_loss"] for entry in run.log_history if "train_loss" in entry] for run in (one, two)]
+        assert losses[0] and losses[0] == losses[1]
+        weights = [load_file(tmp_path / f"workers_{w}" / f"source_{key}" / "model.safetensors") for w in (1, 2)]
+        assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+        assert (tmp_path / "workers_2" / "logs" / f"knowledge_source_{key}.jsonl").stat().st_size > 0

@@ -131,11 +131,11 @@ def task_prompt_and_reference(row: Any) -> tuple[str, str]:
 @torch.no_grad()
 def generate_texts(
     model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
-    stop_strings: Sequence[str] | None = tuple(STOP_STRINGS), desc: str = "generating",
+    stop_strings: Sequence[str] | None = tuple(STOP_STRINGS), desc: str = "generating", progress: bool = True,
 ) -> list[str]:
     """Greedy continuations of `prompts` (left-padded batches) as answer text (`decode_answer`: without control
     tokens such as EOS and padding, with the Stratos markers even when they are special tokens), cut after the first
-    stop string."""
+    stop string. `progress=False` hides the progress bar named `desc`."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -144,7 +144,7 @@ def generate_texts(
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     texts: list[str] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
             batch = tokenizer(
                 list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)

@@ -133,10 +133,11 @@ class PretrainedSource:
 
 def pretrain_source(
     world: World, tokenizer: PreTrainedTokenizerBase, directory: str | Path, options: SourceOptions, seed: int,
-    work_dir: str | Path, log_file: Path, attributes: Sequence[str] = tuple(ATTRIBUTES),
+    work_dir: str | Path, log_file: Path, attributes: Sequence[str] = tuple(ATTRIBUTES), progress: bool = True,
 ) -> PretrainedSource:
     """Pretrain the source from random weights on the facts of `attributes` until it recalls split A (see
-    `SourceOptions.recall_target`), save it with its tokenizer to `directory`. Its log goes to `log_file`."""
+    `SourceOptions.recall_target`), save it with its tokenizer to `directory`. Its log goes to `log_file`;
+    `progress=False` hides its progress bars."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(source_config(tokenizer, options))
     history: list[dict] = []
@@ -151,6 +152,7 @@ def pretrain_source(
             per_device_train_batch_size=options.batch_size, learning_rate=options.lr,
             weight_decay=options.weight_decay, lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
             logging_steps=20, save_strategy="no", report_to="none", seed=block_seed, use_cpu=True,
+            disable_tqdm=not progress,
         )
         trainer = keep_logs_off_terminal(Trainer(
             model=model.train(), args=args,
@@ -162,7 +164,7 @@ def pretrain_source(
         history += [{**entry, "step": steps + entry["step"], "epoch": rounds + entry["epoch"] * block_rounds}
                     for entry in trainer.state.log_history if "epoch" in entry]
         rounds += block_rounds
-        recalls.append(recall_per_attribute(model.eval(), tokenizer, world.split_a, attributes))
+        recalls.append(recall_per_attribute(model.eval(), tokenizer, world.split_a, attributes, progress))
         history.append({"step": history[-1]["step"], "epoch": rounds, "recall_split_a": recalls[-1]})
         if min(recalls[-1].values()) >= options.recall_target:
             break
@@ -174,24 +176,27 @@ def pretrain_source(
 
 
 def recall_per_attribute(
-    model, tokenizer: PreTrainedTokenizerBase, people, attributes: Sequence[str] = tuple(ATTRIBUTES)
+    model, tokenizer: PreTrainedTokenizerBase, people, attributes: Sequence[str] = tuple(ATTRIBUTES),
+    progress: bool = True,
 ) -> dict[str, float]:
     """Exact match of the source's answers in its own QA format about `people`, per attribute."""
-    pairs = native_answers(model, tokenizer, people, attributes=attributes, desc="source recall on A")
+    pairs = native_answers(model, tokenizer, people, attributes=attributes, desc="source recall on A",
+                           progress=progress)
     correct = [answer in wordings for answer, wordings in pairs]
     return {attribute: sum(correct[i :: len(attributes)]) / len(people) for i, attribute in enumerate(attributes)}
 
 
 def native_answers(
     model, tokenizer: PreTrainedTokenizerBase, people, batch_size: int = 64,
-    attributes: Sequence[str] = tuple(ATTRIBUTES), desc: str = "native QA",
+    attributes: Sequence[str] = tuple(ATTRIBUTES), desc: str = "native QA", progress: bool = True,
 ) -> list[tuple[str, tuple[str, str]]]:
     """(generated answer, its two correct wordings) for every fact of `people` about `attributes`, asked in the
     source's own QA format."""
     facts = [(person, attribute) for person in people for attribute in attributes]
     prompts = [" " + native_prompt(person, attribute) for person, attribute in facts]  # as in pretraining
     outputs = generate_texts(
-        model, tokenizer, prompts, max_new_tokens=12, batch_size=batch_size, stop_strings=["\n"], desc=desc
+        model, tokenizer, prompts, max_new_tokens=12, batch_size=batch_size, stop_strings=["\n"], desc=desc,
+        progress=progress,
     )
     return [
         (output.split("\n")[0].strip(), (statement(person, attribute), pronoun_statement(person, attribute)))
