@@ -232,15 +232,22 @@ def test_train_composes_several_sources_and_generate_and_eval_find_them_moved(ti
     assert main([*eval_argv, "--large-model", str(moved[0]), "--large-model", str(moved[1])]) == 0
 
 
-def test_train_refuses_the_feature_cache_with_several_sources_and_sources_of_other_tokenizers(
+def test_train_caches_several_sources_but_refuses_depth_connections_and_sources_of_other_tokenizers(
     tiny_dirs, dataset_file, tmp_path, capsys
 ):
     pair = (tiny_dirs["qwen2"], tiny_dirs["gpt_neo"])
-    argv = train_argv(pair, dataset_file, tmp_path / "out", "--large", str(tiny_dirs["gpt_neo"]), "--max-steps", "1",
+    several = train_argv(pair, dataset_file, tmp_path / "two", "--large", str(tiny_dirs["gpt_neo"]), "--max-steps", "1",
+                         "--feature-cache", str(tmp_path / "two-features"))
+    assert main(several) == 0
+    manifest = json.loads((tmp_path / "two-features" / "train" / "manifest.json").read_text())
+    widths = [json.loads((tiny_dirs[name] / "config.json").read_text())["hidden_size"] for name in ("qwen2", "gpt_neo")]
+    assert manifest["hidden_size"] == sum(widths) and len(manifest["large_weights"]) == 2  # side by side, in order
+    capsys.readouterr()
+    argv = train_argv(pair, dataset_file, tmp_path / "out", "--num-depth-connections", "1", "--max-steps", "1",
                       "--feature-cache", str(tmp_path / "features"))
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--feature-cache holds the last hidden states of one frozen source" in err and "2 source(s)" in err
+    assert "--feature-cache holds the sources' last hidden states only" in err and "depth connections" in err
     argv = train_argv(pair, dataset_file, tmp_path / "out", "--large", str(tiny_dirs["llama"]), "--max-steps", "1")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

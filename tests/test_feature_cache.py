@@ -89,15 +89,21 @@ def test_an_interrupted_build_is_redone_and_foreign_dirs_are_refused(model, data
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
-def test_training_from_a_float32_cache_matches_training_through_the_large_model(tiny_pair, tmp_path):
+@pytest.mark.parametrize("fusion", [None, "separate", "concat"])  # one source; two sources, either fusion
+def test_training_from_a_float32_cache_matches_training_through_the_large_model(tiny_dirs, tmp_path, fusion):
+    sources = tiny_dirs["qwen2"] if fusion is None else [tiny_dirs["qwen2"], tiny_dirs["gpt_neo"]]
+    composition = {} if fusion is None else {"source_fusion": fusion}
     weights = []
     for cached in (False, True):
         torch.manual_seed(0)
-        model = LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4)
+        model = LLMModulesForCausalLM.from_large_and_small(sources, tiny_dirs["gpt_neo"], cross_attention_heads=4,
+                                                           **composition)
         train_set, val_set, _ = prepare_datasets(stratos_rows(), model.tokenizer, subset=1.0, val_split=0.25)
         if cached:
             train_set, val_set = cached_datasets(tmp_path / "cache", model, train_set, val_set, dtype="float32")
             assert isinstance(train_set, FeatureCacheDataset) and isinstance(val_set, FeatureCacheDataset)
+            widths = [source.config.hidden_size for source in model.sources]
+            assert train_set[0]["large_hidden_states"].shape[-1] == sum(widths)  # the sources side by side
         options = TrainingOptions(
             output_dir=str(tmp_path / f"out-{cached}"), max_steps=3, batch_size=2, lr_bridge=3e-3, lr_small=3e-3,
             save_steps=3, report_to="none", trainer_args={"disable_tqdm": True},
@@ -108,3 +114,16 @@ def test_training_from_a_float32_cache_matches_training_through_the_large_model(
     for name in plain:
         torch.testing.assert_close(cached_weights[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
     assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+
+
+def test_a_cache_refuses_depth_connections_and_the_model_refuses_states_of_the_wrong_width(tiny_dirs, tmp_path):
+    sources = [tiny_dirs["qwen2"], tiny_dirs["gpt_neo"]]
+    deep = LLMModulesForCausalLM.from_large_and_small(sources, tiny_dirs["gpt_neo"], cross_attention_heads=4,
+                                                      num_depth_connections=1)
+    rows = prepare_datasets(stratos_rows(4), deep.tokenizer, subset=1.0, val_split=0.0)[0]
+    with pytest.raises(ValueError, match="depth connections"):
+        build_feature_cache(tmp_path / "deep", deep, rows)
+    assert not (tmp_path / "deep").exists()
+    two = LLMModulesForCausalLM.from_large_and_small(sources, tiny_dirs["gpt_neo"], cross_attention_heads=4)
+    with pytest.raises(ValueError, match=r"64 \+ 32 wide"):
+        two(large_hidden_states=torch.zeros(1, 3, 64), attention_mask=torch.ones(1, 3, dtype=torch.long))

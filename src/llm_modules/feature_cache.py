@@ -3,7 +3,9 @@
 The large model never changes during training, so its hidden states for an example are the same in every epoch.
 `build_feature_cache` runs it once over a tokenized dataset and writes the states in half precision to one flat
 file (`features.bin`, `[total tokens, D_L]`) with per-example offsets; `FeatureCacheDataset` serves them as the
-model's `large_hidden_states` input, so training skips the large model.
+model's `large_hidden_states` input, so training skips the large model. With several sources, a row holds their
+states side by side (`[total tokens, D_1 + ... + D_N]`, in source order), which the model splits back per source.
+Depth connections read inner layers, which the cache does not hold: it refuses those models.
 
 A manifest records what the states depend on: the large model (id or path, revision, a fingerprint of its weights,
 dtype), the tokenizer, the max length and a fingerprint of the token ids. Opening a cache checks it; a mismatch
@@ -66,20 +68,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def expected_manifest(model: LLMModulesForCausalLM, dataset, *, max_length: int | None, dtype: str) -> dict[str, Any]:
     """What a cache of `dataset` through `model`'s frozen model must record to be reused."""
-    if model.config.num_sources != 1 or model.config.depth_connection_list:
-        raise ValueError("the feature cache holds the last hidden states of one frozen source; this model has "
-                         f"{model.config.num_sources} sources and {len(model.config.depth_connection_list)} depth connections")
+    if model.config.depth_connection_list:
+        raise ValueError("the feature cache holds the sources' last hidden states only; this model has "
+                         f"{len(model.config.depth_connection_list)} depth connections, which read inner layers")
     if dtype not in STORAGE:
         raise ValueError(f"feature cache dtype must be one of {sorted(STORAGE)}, got {dtype!r}")
-    large = model.large
+    sources = list(model.sources)
     tokenizer = model.tokenizer
+    one = len(sources) == 1  # one source keeps the manifest of caches written before there could be several
+    revisions = [getattr(source.config, "_commit_hash", None) for source in sources]
+    dtypes = [str(next(source.parameters()).dtype).removeprefix("torch.") for source in sources]
     return {
         "format": FORMAT_VERSION,
         "large_model": model.config.large_model_name_or_path,
-        "large_revision": getattr(large.config, "_commit_hash", None),
-        "large_weights": weights_fingerprint(large),
-        "large_dtype": str(next(large.parameters()).dtype).removeprefix("torch."),
-        "hidden_size": model.config.large_hidden_size,
+        "large_revision": revisions[0] if one else revisions,
+        "large_weights": weights_fingerprint(sources[0]) if one else [weights_fingerprint(s) for s in sources],
+        "large_dtype": dtypes[0] if one else dtypes,
+        "hidden_size": sum(source.config.hidden_size for source in sources),
         "dtype": dtype,
         "max_length": max_length,
         "tokenizer": getattr(tokenizer, "name_or_path", None) if tokenizer is not None else None,
@@ -163,9 +168,9 @@ def _write_features(directory: Path, model, dataset, manifest: dict, device, bat
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     tmp = directory / (FEATURES_NAME + ".tmp")
     features = np.memmap(tmp, dtype=storage, mode="w+", shape=(int(offsets[-1]), manifest["hidden_size"]))
-    device = torch.device(device) if device is not None else next(model.large.parameters()).device
-    large_device = next(model.large.parameters()).device
-    model.large.to(device)
+    source_devices = [next(source.parameters()).device for source in model.sources]
+    device = torch.device(device) if device is not None else source_devices[0]
+    model.sources.to(device)
     try:
         order = np.argsort(lengths, kind="stable")
         batch: list[int] = []
@@ -176,7 +181,8 @@ def _write_features(directory: Path, model, dataset, manifest: dict, device, bat
                 _run_batch(model, dataset, batch, lengths, offsets, features, device, torch_dtype)
                 batch = []
     finally:
-        model.large.to(large_device)
+        for source, source_device in zip(model.sources, source_devices):
+            source.to(source_device)
     features.flush()
     del features
     np.save(directory / (OFFSETS_NAME + ".tmp.npy"), offsets)
@@ -197,7 +203,8 @@ def _run_batch(model, dataset, batch, lengths, offsets, features, device, torch_
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # The same positions the model's forward derives from a right-padded mask.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    states = model.large_hidden_states(input_ids, attention_mask, position_ids).to(torch_dtype).cpu()
+    states = torch.cat(model.source_hidden_states(input_ids, attention_mask, position_ids), dim=-1)
+    states = states.to(torch_dtype).cpu()
     for row, index in enumerate(batch):
         rows = states[row, : lengths[index]]
         rows = rows.view(torch.uint16) if torch_dtype == torch.bfloat16 else rows

@@ -251,8 +251,9 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             only the labelled positions go through the new head and `logits` is None, which saves the
             `[batch, seq, vocab]` tensor over the large vocabulary.
         logits_to_keep: compute logits for the last N positions only (0 = all), as `generate` asks for.
-        large_hidden_states: precomputed last hidden states of the frozen model (the feature cache), or a list of
-            one per source; skips the sources.
+        large_hidden_states: precomputed last hidden states of the frozen model (the feature cache), a list of
+            one per source, or with several sources one tensor `[batch, seq, D_1 + ... + D_N]` of theirs side by
+            side, as the feature cache stores them; skips the sources.
         num_items_in_batch: labelled tokens in the whole accumulated batch, as `transformers.Trainer` passes it: the
             loss is then this batch's summed cross-entropy over that count, so accumulation equals one big batch.
         """
@@ -288,7 +289,14 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
                              "need the sources' inner layers: pass input_ids")
         else:
             taps = []
-            states = list(large_hidden_states) if isinstance(large_hidden_states, (list, tuple)) else [large_hidden_states]
+            widths = [c.hidden_size for c in self.config.large_configs]
+            if isinstance(large_hidden_states, (list, tuple)):
+                states = list(large_hidden_states)
+            elif large_hidden_states.shape[-1] != sum(widths):
+                raise ValueError(f"large_hidden_states is {large_hidden_states.shape[-1]} wide; the sources' last hidden "
+                                 f"states are {' + '.join(map(str, widths))} wide")
+            else:
+                states = list(large_hidden_states.split(widths, dim=-1))
             if len(states) != self.config.num_sources:
                 raise ValueError(f"large_hidden_states holds {len(states)} sources; the model has {self.config.num_sources}")
         bridge_dtype = self.bridge.pre_proj.weight.dtype

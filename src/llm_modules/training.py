@@ -544,10 +544,10 @@ def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | No
         raise ConflictingOptionsError("large is an empty list: name at least one frozen source")
     sources = [resolve_model_source(name, "--large") for name in names]
     depth = options.model_options.get("depth_connections") or options.model_options.get("num_depth_connections")
-    if options.feature_cache and (len(sources) > 1 or depth):
+    if options.feature_cache and depth:
         raise ConflictingOptionsError(
-            f"--feature-cache holds the last hidden states of one frozen source without depth connections; this run has "
-            f"{len(sources)} source(s){' and depth connections' if depth else ''}: drop --feature-cache"
+            "--feature-cache holds the sources' last hidden states only, and depth connections read inner layers: "
+            "drop --feature-cache"
         )
     options = dataclasses.replace(
         options,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from ..data import DataCollatorForLLMModules
+from ..feature_cache import cached_datasets
 from ..modeling import LLMModulesForCausalLM
 from ..training import TrainingOptions, train
 from ..training_log import keep_logs_off_terminal, log_file_callbacks
@@ -167,10 +168,12 @@ def large_finetuned(
 
 def combined(
     source_dir: Path | list[Path], small_dir: Path, dataset, tokenizer, options: TaskOptions, output_dir: Path,
-    log_file: Path, causal: bool = True, **model_options: Any,
+    log_file: Path, causal: bool = True, feature_cache: Path | None = None, **model_options: Any,
 ) -> TrainedSystem:
     """LLM Modules: the frozen source(s) -> bridge(s) -> small model, composed and trained by this library's own code.
-    `model_options` are further `LLMModulesConfig` options (e.g. `source_fusion`, `num_depth_connections`)."""
+    `model_options` are further `LLMModulesConfig` options (e.g. `source_fusion`, `num_depth_connections`).
+    `feature_cache`: a directory where the sources' last hidden states are computed once (float32: the very states
+    the sources give) instead of at every step; not with depth connections, which read inner layers."""
     torch.manual_seed(options.seed)
     model = LLMModulesForCausalLM.from_large_and_small(
         source_dir, small_dir, cross_attention_heads=options.small_heads, adapter_dim=options.adapter_dim,
@@ -185,6 +188,8 @@ def combined(
         trainer_args={"save_strategy": "no"},
     )
     start = time.perf_counter()
+    if feature_cache is not None:
+        dataset, _ = cached_datasets(feature_cache, model, dataset, None, dtype="float32")
     trainer = train(model, tokenizer, dataset, None, training, callbacks=log_file_callbacks(log_file),
                     data="the demo's task rows about split A's people (`data/train_a.jsonl` in the demo's output dir)")
     seconds = time.perf_counter() - start
