@@ -174,8 +174,9 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings,
                 trained = S.small_only(train_dataset, tokenizer, settings.task, work_dir, log_file)
             elif name in COMBINED:
                 keys, options = COMBINED[name]
-                # The sources run once over the rows, not at every step (depth connections read inner layers: no cache).
-                cache = None if options.get("num_depth_connections") else work_dir / f"features_{name}"
+                # The sources run once over the rows, not at every step (depth connections read inner layers: no cache);
+                # one cache per set of sources, so systems over the same sources reuse it (its manifest checks that).
+                cache = None if options.get("num_depth_connections") else work_dir / f"features_{'_'.join(keys)}"
                 trained = S.combined([source_dirs[k] for k in keys], small_dir, train_dataset, tokenizer, settings.task,
                                      models_dir / name, log_file, feature_cache=cache, **options)
             else:
