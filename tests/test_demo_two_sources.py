@@ -125,3 +125,44 @@ def test_sources_pretrained_side_by_side_equal_those_pretrained_one_after_the_ot
         weights = [load_file(tmp_path / f"workers_{w}" / f"source_{key}" / "model.safetensors") for w in (1, 2)]
         assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
         assert (tmp_path / "workers_2" / "logs" / f"knowledge_source_{key}.jsonl").stat().st_size > 0
+
+
+def test_systems_trained_side_by_side_equal_those_trained_one_after_the_other(tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from llm_modules.data import build_dataset
+    from llm_modules.demo import systems as S
+    from llm_modules.demo.knowledge_source import build_tokenizer
+    from llm_modules.demo.two_sources import SystemInputs, pretrain_sources, train_systems
+    from llm_modules.demo.world import task_rows
+
+    world = make_world(12, 4, seed=0)
+    source = SourceOptions(hidden_size=32, intermediate_size=64, vocab_size=400, rounds=1, batch_size=16,
+                           max_extra_blocks=0)
+    task = TaskOptions(epochs=1, batch_size=16, small_hidden_size=32, small_only_hidden_size=32, logging_steps=1)
+    settings = TwoSourcesSettings(people_a=12, people_b=4, eval_people_a=2, source=source, task=task)
+    tokenizer = build_tokenizer(world, source.vocab_size, seed=0)
+    dirs = {key: tmp_path / f"source_{key}" for key in SOURCE_ATTRIBUTES}
+    pretrain_sources(world, tokenizer, settings, 0, dirs, tmp_path / "work", tmp_path / "logs", workers=1)
+    small_dir = S.save_small_model(tmp_path / "small_init", tokenizer, task)
+    dataset, _ = build_dataset(task_rows(world.split_a), tokenizer, max_length=None)
+    names = ["small_only", "combined_a", "combined_ab", "combined_ab_concat"]  # the last two share a feature cache
+    runs = {}
+    for workers in (1, 2):  # here, in `names`' order; in two worker processes of one thread each
+        out = tmp_path / f"workers_{workers}"
+        inputs = SystemInputs(dataset, tokenizer, task, dirs, small_dir, task_rows(world.split_b),
+                              task_rows(world.split_a[:2]), 8, out, out / "work")
+        runs[workers] = {name: (row, history) for name, row, history in train_systems(names, inputs, workers)}
+        assert set(runs[workers]) == set(names)
+    for name in names:
+        (one, one_log), (two, two_log) = runs[1][name], runs[2][name]
+        assert {k: v for k, v in one.items() if k != "train_seconds"} == {k: v for k, v in two.items()
+                                                                         if k != "train_seconds"}
+        losses = [[entry["loss"] for entry in log if "loss" in entry] for log in (one_log, two_log)]
+        assert losses[0] and losses[0] == losses[1]
+        assert (tmp_path / "workers_2" / "logs" / f"{name}.jsonl").stat().st_size > 0
+        assert (tmp_path / "workers_2" / "predictions" / f"{name}.jsonl").read_text() == (
+            tmp_path / "workers_1" / "predictions" / f"{name}.jsonl").read_text()
+        if name != "small_only":
+            weights = [load_file(tmp_path / f"workers_{w}" / "models" / name / "model.safetensors") for w in (1, 2)]
+            assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

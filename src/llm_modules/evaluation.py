@@ -171,14 +171,15 @@ def _cut_after_stop(text: str, stop_strings: Sequence[str] | None) -> str:
 
 def evaluate_answers(
     model, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Any], max_new_tokens: int = 256, batch_size: int = 8,
-    desc: str = "answers",
+    desc: str = "answers", progress: bool = True,
 ) -> AnswerResult:
     """Greedy answers to Stratos rows: exact match of the extracted solution against the reference row's solution,
-    and the rate of well-formed responses."""
+    and the rate of well-formed responses. `progress=False` hides the progress bar named `desc`."""
     pairs = [task_prompt_and_reference(row) for row in rows]
     if not pairs:
         raise ValueError("no rows to evaluate")
-    outputs = generate_texts(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, desc=desc)
+    outputs = generate_texts(model, tokenizer, [p for p, _ in pairs], max_new_tokens, batch_size, desc=desc,
+                             progress=progress)
     predictions = []
     for (prompt, reference), output in zip(pairs, outputs):
         answer, expected = extract_solution(output), extract_solution(reference)

@@ -102,10 +102,10 @@ def run_demo(output_dir: str | Path = "llm-modules-demo", seed: int = 0, quick: 
 
 
 def evaluate_system(model, tokenizer, name: str, rows_b: list[dict], rows_eval_a: list[dict], predictions_dir: Path,
-                    max_new_tokens: int) -> tuple[AnswerResult, AnswerResult]:
+                    max_new_tokens: int, progress: bool = True) -> tuple[AnswerResult, AnswerResult]:
     """Greedy answers to every question of split B and of the measured people of A; split B's predictions are
-    written to `predictions_dir/NAME.jsonl`. Returns (split B, split A) results."""
-    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=64)
+    written to `predictions_dir/NAME.jsonl`. Returns (split B, split A) results. `progress=False` hides the bars."""
+    kwargs = dict(max_new_tokens=max_new_tokens, batch_size=64, progress=progress)
     result_b = evaluate_answers(model, tokenizer, rows_b, desc=f"{name} on B", **kwargs)
     result_a = evaluate_answers(model, tokenizer, rows_eval_a, desc=f"{name} on A", **kwargs)
     write_atomic(predictions_dir / f"{name}.jsonl", "".join(json.dumps(p) + "\n" for p in result_b.predictions))

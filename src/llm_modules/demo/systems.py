@@ -86,12 +86,12 @@ def trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def trainer_arguments(options: TaskOptions, output_dir: Path, lr: float) -> TrainingArguments:
+def trainer_arguments(options: TaskOptions, output_dir: Path, lr: float, progress: bool = True) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=options.epochs, per_device_train_batch_size=options.batch_size,
         learning_rate=lr, weight_decay=options.weight_decay, lr_scheduler_type="cosine", warmup_steps=0.05,
         max_grad_norm=1.0, logging_steps=options.logging_steps, save_strategy="no", report_to="none",
-        seed=options.seed, use_cpu=not torch.cuda.is_available(),
+        seed=options.seed, use_cpu=not torch.cuda.is_available(), disable_tqdm=not progress,
     )
 
 
@@ -118,11 +118,12 @@ class DistillationTrainer(Trainer):
 
 
 def train_plain(
-    model, dataset, tokenizer, options: TaskOptions, output_dir: Path, lr: float, log_file: Path, teacher=None
+    model, dataset, tokenizer, options: TaskOptions, output_dir: Path, lr: float, log_file: Path, teacher=None,
+    progress: bool = True,
 ) -> TrainedSystem:
     """Fine-tune every weight of a plain causal LM on the task rows (with distillation when a teacher is given); the
-    Trainer's logs go to `log_file`, a progress bar to the terminal."""
-    args = trainer_arguments(options, output_dir, lr)
+    Trainer's logs go to `log_file`, a progress bar to the terminal unless `progress=False`."""
+    args = trainer_arguments(options, output_dir, lr, progress)
     kwargs = dict(
         model=model, args=args, train_dataset=dataset, data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id),
         callbacks=log_file_callbacks(log_file),
@@ -140,10 +141,13 @@ def train_plain(
     return TrainedSystem(model.eval(), trainable(model), seconds, trainer.state.log_history)
 
 
-def small_only(dataset, tokenizer, options: TaskOptions, work_dir: Path, log_file: Path) -> TrainedSystem:
+def small_only(
+    dataset, tokenizer, options: TaskOptions, work_dir: Path, log_file: Path, progress: bool = True
+) -> TrainedSystem:
     """The small model alone, with its own token embeddings, fine-tuned on the task (the paper's GPT-Neo fine-tuned)."""
     model = small_causal_lm(tokenizer, options.small_only_hidden_size, options)
-    return train_plain(model, dataset, tokenizer, options, work_dir / "small_only", options.lr_small, log_file)
+    return train_plain(model, dataset, tokenizer, options, work_dir / "small_only", options.lr_small, log_file,
+                       progress=progress)
 
 
 def distilled_small(
@@ -168,12 +172,14 @@ def large_finetuned(
 
 def combined(
     source_dir: Path | list[Path], small_dir: Path, dataset, tokenizer, options: TaskOptions, output_dir: Path,
-    log_file: Path, causal: bool = True, feature_cache: Path | None = None, **model_options: Any,
+    log_file: Path, causal: bool = True, feature_cache: Path | None = None, progress: bool = True,
+    **model_options: Any,
 ) -> TrainedSystem:
     """LLM Modules: the frozen source(s) -> bridge(s) -> small model, composed and trained by this library's own code.
     `model_options` are further `LLMModulesConfig` options (e.g. `source_fusion`, `num_depth_connections`).
     `feature_cache`: a directory where the sources' last hidden states are computed once (float32: the very states
-    the sources give) instead of at every step; not with depth connections, which read inner layers."""
+    the sources give) instead of at every step; not with depth connections, which read inner layers.
+    `progress=False` hides the Trainer's progress bar."""
     torch.manual_seed(options.seed)
     model = LLMModulesForCausalLM.from_large_and_small(
         source_dir, small_dir, cross_attention_heads=options.small_heads, adapter_dim=options.adapter_dim,
@@ -185,7 +191,7 @@ def combined(
         lr_bridge=options.lr_bridge, lr_small=options.lr_small, weight_decay=options.weight_decay, warmup=0.05,
         lr_scheduler="cosine", logging_steps=options.logging_steps, patience=0, report_to="none",
         # No checkpoints in the middle of a few-minute run; `train` still saves the final model to output_dir.
-        trainer_args={"save_strategy": "no"},
+        trainer_args={"save_strategy": "no", "disable_tqdm": not progress},
     )
     start = time.perf_counter()
     if feature_cache is not None:

@@ -21,7 +21,8 @@ import logging
 import multiprocessing
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,13 @@ LEARNING_RATE = 6e-3
 EPOCHS = 50
 
 
+# Each system's training time relative to `small_only`'s (mean `train_seconds` of seeds 0-2 at 2 threads, README):
+# side by side, the longest start first, so that the workers finish close together.
+RELATIVE_TRAIN_COST = {
+    "small_only": 1.0, "combined_a": 1.1, "combined_b": 1.1, "combined_ab": 1.7, "combined_ab_concat": 1.7,
+    "combined_ab_depth": 2.6,
+}
+
 # `combined_ab_concat` is left out by default to keep the run within 20 minutes: it lost to a bridge per source
 # (`combined_ab`) on average over 3 seeds (README, "Composition"); pass `systems=tuple(SYSTEMS)` to measure it.
 DEFAULT_SYSTEMS = tuple(name for name in SYSTEMS if name != "combined_ab_concat")
@@ -123,6 +131,9 @@ def run_two_sources_demo(output_dir: str | Path = "llm-modules-demo-two-sources"
 
 def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings, work_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
+    unknown = [name for name in settings.systems if name not in SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown system(s) {', '.join(map(repr, unknown))} (known: {', '.join(SYSTEMS)})")
     models_dir, data_dir, logs_dir = output_dir / "models", output_dir / "data", output_dir / "logs"
     phases = tqdm(total=2 + len(settings.source_attributes) + len(settings.systems), desc="demo", unit="phase")
 
@@ -160,35 +171,25 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings,
 
     predictions_dir = output_dir / "predictions"
     predictions_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"systems": {}}
-    for name in settings.systems:
-        phases.set_postfix_str(name)
+    rows: dict[str, dict] = {}
+    for name in settings.systems:  # the sources in their own QA format: seconds, here
         if name.startswith("teacher_native_"):
+            phases.set_postfix_str(name)
             key = name.rsplit("_", 1)[1]
-            row = native_row(sources[key], tokenizer, world, eval_a, predictions_dir / f"{name}.jsonl",
-                             attributes=settings.source_attributes[key])
-            row["attributes"] = list(settings.source_attributes[key])  # its scores cover only the facts it read
-        else:
-            log_file = logs_dir / f"{name}.jsonl"
-            if name == "small_only":
-                trained = S.small_only(train_dataset, tokenizer, settings.task, work_dir, log_file)
-            elif name in COMBINED:
-                keys, options = COMBINED[name]
-                # The sources run once over the rows, not at every step (depth connections read inner layers: no cache);
-                # one cache per set of sources, so systems over the same sources reuse it (its manifest checks that).
-                cache = None if options.get("num_depth_connections") else work_dir / f"features_{'_'.join(keys)}"
-                trained = S.combined([source_dirs[k] for k in keys], small_dir, train_dataset, tokenizer, settings.task,
-                                     models_dir / name, log_file, feature_cache=cache, **options)
-            else:
-                raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
-            histories[name] = trained.log_history
-            result_b, result_a = evaluate_system(trained.model, tokenizer, name, rows_b, rows_eval_a, predictions_dir,
-                                                 settings.max_new_tokens)
-            row = answer_row(result_b, result_a, trained.trainable_params, trained.train_seconds)
-            row["per_attribute_b"] = per_attribute(result_b, rows_b)
-        results["systems"][name] = row
+            rows[name] = native_row(sources[key], tokenizer, world, eval_a, predictions_dir / f"{name}.jsonl",
+                                    attributes=settings.source_attributes[key])
+            rows[name]["attributes"] = list(settings.source_attributes[key])  # its scores cover only the facts it read
+            logger.info(result_line(name, rows[name]))
+            phases.update()
+    trained = [name for name in settings.systems if not name.startswith("teacher_native_")]
+    phases.set_postfix_str(f"training {', '.join(trained)}")
+    inputs = SystemInputs(train_dataset, tokenizer, settings.task, source_dirs, small_dir, rows_b, rows_eval_a,
+                          settings.max_new_tokens, output_dir, work_dir)
+    for name, row, history in train_systems(trained, inputs):
+        rows[name], histories[name] = row, history
         logger.info(result_line(name, row))
         phases.update()
+    results: dict[str, Any] = {"systems": {name: rows[name] for name in settings.systems}}
     phases.close()
 
     results.update({
@@ -213,6 +214,91 @@ def _run(output_dir: Path, seed: int, quick: bool, settings: TwoSourcesSettings,
     results["table"] = table + "\n" + attribute_table(results)
     write_atomic(output_dir / "results.md", results["table"])
     return results
+
+
+@dataclass
+class SystemInputs:
+    """What every trained system reads (same rows, budget, sources) and where it writes: `output_dir/models/NAME`,
+    `output_dir/logs/NAME.jsonl`, `output_dir/predictions/NAME.jsonl`; feature caches under `work_dir`."""
+
+    train_dataset: Any
+    tokenizer: Any
+    task: S.TaskOptions
+    source_dirs: dict[str, Path]
+    small_dir: Path
+    rows_b: list[dict]
+    rows_eval_a: list[dict]
+    max_new_tokens: int
+    output_dir: Path
+    work_dir: Path
+
+
+def feature_cache_dir(name: str, work_dir: Path) -> Path | None:
+    """Where combined system `name` caches its sources' last hidden states: one cache per set of sources, so systems
+    over the same sources share it (its manifest checks that); None for systems without a cache (depth connections
+    read inner layers)."""
+    if name not in COMBINED or COMBINED[name][1].get("num_depth_connections"):
+        return None
+    return work_dir / f"features_{'_'.join(COMBINED[name][0])}"
+
+
+def train_and_evaluate(name: str, inputs: SystemInputs, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Train system `name` on the task rows of split A and answer split B and the measured people of A. Returns
+    (its results row, its Trainer log history). Raises ValueError for a name that is neither `small_only` nor in
+    `COMBINED`."""
+    log_file = inputs.output_dir / "logs" / f"{name}.jsonl"
+    if name == "small_only":
+        trained = S.small_only(inputs.train_dataset, inputs.tokenizer, inputs.task, inputs.work_dir, log_file,
+                               progress=progress)
+    elif name in COMBINED:
+        keys, options = COMBINED[name]
+        trained = S.combined(
+            [inputs.source_dirs[k] for k in keys], inputs.small_dir, inputs.train_dataset, inputs.tokenizer,
+            inputs.task, inputs.output_dir / "models" / name, log_file,
+            feature_cache=feature_cache_dir(name, inputs.work_dir), progress=progress, **options,
+        )
+    else:
+        raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
+    predictions_dir = inputs.output_dir / "predictions"
+    predictions_dir.mkdir(parents=True, exist_ok=True)
+    result_b, result_a = evaluate_system(trained.model, inputs.tokenizer, name, inputs.rows_b, inputs.rows_eval_a,
+                                         predictions_dir, inputs.max_new_tokens, progress=progress)
+    row = answer_row(result_b, result_a, trained.trainable_params, trained.train_seconds)
+    row["per_attribute_b"] = per_attribute(result_b, inputs.rows_b)
+    return row, trained.log_history
+
+
+def train_systems(
+    names: list[str], inputs: SystemInputs, workers: int | None = None
+) -> Iterator[tuple[str, dict, list[dict]]]:
+    """Train and evaluate every system of `names` (`train_and_evaluate`), side by side in `workers` processes that
+    split this process's torch threads (default: one per thread), the longest first (`RELATIVE_TRAIN_COST`); systems
+    that share a feature cache run one after the other in one worker. With one worker: in `names`' order, here, with
+    progress bars. Yields (name, results row, log history) as each finishes.
+
+    Why processes: like the sources, these models are too narrow (width 64-96) to keep a second thread busy; the
+    systems' side-by-side wall time is measured in README ("Composition")."""
+    threads = torch.get_num_threads()
+    groups: dict[Any, list[str]] = {}
+    for name in names:
+        groups.setdefault(feature_cache_dir(name, inputs.work_dir) or name, []).append(name)
+    workers = min(len(groups), threads) if workers is None else workers
+    if workers <= 1:
+        for name in names:
+            yield (name, *train_and_evaluate(name, inputs))
+        return
+    ordered = sorted(groups.values(), key=lambda group: -sum(RELATIVE_TRAIN_COST.get(n, 1.0) for n in group))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_group, max(1, threads // workers), group, inputs) for group in ordered]
+        for future in as_completed(futures):
+            yield from future.result()
+
+
+def _train_group(threads: int, names: list[str], inputs: SystemInputs) -> list[tuple[str, dict, list[dict]]]:
+    # in a worker process: quiet, its share of the threads
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    return [(name, *train_and_evaluate(name, inputs, progress=False)) for name in names]
 
 
 def pretrain_sources(
@@ -263,6 +349,7 @@ def attribute_table(results: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "COMBINED", "DEFAULT_SYSTEMS", "SOURCE_ATTRIBUTES", "SYSTEMS", "TwoSourcesSettings", "default_settings",
-    "pretrain_sources", "run_two_sources_demo",
+    "COMBINED", "DEFAULT_SYSTEMS", "RELATIVE_TRAIN_COST", "SOURCE_ATTRIBUTES", "SYSTEMS", "SystemInputs",
+    "TwoSourcesSettings", "default_settings", "feature_cache_dir", "pretrain_sources", "run_two_sources_demo",
+    "train_and_evaluate", "train_systems",
 ]
