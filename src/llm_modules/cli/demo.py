@@ -21,7 +21,7 @@ def add_demo(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the world and of every training run")
     parser.add_argument("--quick", action="store_true",
                         help="64 people and four systems (about 5 minutes on 2 CPU cores; the full run takes "
-                        "about 13, 18-21 with --task two-sources)")
+                        "about 13, 15-17 with --task two-sources)")
     parser.add_argument(
         "--task", choices=["knowledge", "two-sources"], default="knowledge",
         help="knowledge (default): one source, the paper's setting; two-sources: two sources that each read half of "
