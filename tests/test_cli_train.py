@@ -207,13 +207,14 @@ def test_train_composes_several_sources_and_generate_and_eval_find_them_moved(ti
     large_a, large_b, small = tiny_dirs["qwen2"], tiny_dirs["gpt_neo"], tiny_dirs["gpt_neo"]
     out = tmp_path / "two"
     argv = train_argv((large_a, small), dataset_file, out, "--large", str(large_b), "--source-fusion", "concat",
-                      "--num-depth-connections", "1", "--max-steps", "2")
+                      "--num-depth-connections", "1", "--head-init", "small", "--max-steps", "2")
     assert main(argv) == 0, capsys.readouterr().err
     # The GPT-Neo source's learned positions end at 256: longer rows are dropped, not an IndexError mid-training.
     assert f"max_length 4096 lowered to 256: --large {large_b} has 256 positions" in capsys.readouterr().err
     model = LLMModulesForCausalLM.from_pretrained(out)
     assert model.config.large_model_name_or_path == [str(large_a), str(large_b)]
     assert model.config.source_fusion == "concat" and len(model.config.depth_connection_list) == 2
+    assert model.config.head_init == "small"
     assert json.loads((out / "training_options.json").read_text())["large"] == [str(large_a), str(large_b)]
     card = (out / "README.md").read_text()
     assert f"`{large_a}` and `{large_b}`" in card and "2 frozen large ones" in card

@@ -315,6 +315,34 @@ def test_scratch_small_model_is_built_from_its_config(tiny_pair):
     name = "h.0.attn.attention.q_proj.weight"
     assert not torch.equal(model.small.state_dict()[name], pretrained.state_dict()[name])
 
+@pytest.mark.parametrize("small", ["gpt_neo", "llama"])  # ties its embeddings; unties them (head read from the file)
+def test_head_init_small_starts_shared_tokens_from_the_small_models_output_embeddings(tiny_dirs, small, tmp_path):
+    large = tiny_dirs["qwen2"]
+    torch.manual_seed(0)
+    model = LLMModulesForCausalLM.from_large_and_small(large, tiny_dirs[small], cross_attention_heads=4,
+                                                       head_init="small")
+    torch.manual_seed(0)
+    paper = LLMModulesForCausalLM.from_large_and_small(large, tiny_dirs[small], cross_attention_heads=4)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dirs[small]).get_output_embeddings().weight
+    small_vocab = AutoTokenizer.from_pretrained(tiny_dirs[small]).get_vocab()
+    shared = {i: small_vocab[token] for token, i in model.tokenizer.get_vocab().items() if token in small_vocab}
+    assert len(shared) > 100
+    rows = torch.tensor(list(shared))
+    assert torch.equal(model.lm_head.weight[rows], reference[torch.tensor(list(shared.values()))])
+    assert not torch.equal(paper.lm_head.weight[rows], model.lm_head.weight[rows])
+    others = [i for i in range(model.config.vocab_size) if i not in shared]
+    assert torch.equal(model.lm_head.weight[others], paper.lm_head.weight[others])  # the paper's random rows
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = LLMModulesForCausalLM.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.head_init == "small" and torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_head_init_small_needs_a_pretrained_small_model(tiny_pair):
+    with pytest.raises(ValueError, match="small_init='pretrained'"):
+        LLMModulesConfig(head_init="small", small_init="scratch")
+    with pytest.raises(ValueError, match="head_init must be"):
+        LLMModulesConfig(head_init="large")
+
 
 # ---- real sizes ------------------------------------------------------------------------------------------------
 

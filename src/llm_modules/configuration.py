@@ -80,6 +80,11 @@ class LLMModulesConfig(PreTrainedConfig):
             `"keep"` feeds real positions and limits sequences to the small model's `max_position_embeddings`.
         small_init (`"pretrained"` or `"scratch"`): start the small model from its pretrained weights, or from
             random weights as the paper's code does.
+        head_init (`"random"` or `"small"`): how `from_large_and_small` starts the new LM head. `"random"` (the
+            paper): every row random. `"small"`: the row of each token whose string the small model's tokenizer also
+            has starts as the small model's output embedding of that token (`head_init.init_head_from_small`), the
+            rest random, so the small model's own next-token knowledge is read out from the first step. Needs
+            `small_init="pretrained"`.
     """
 
     model_type = "llm_modules"
@@ -105,6 +110,7 @@ class LLMModulesConfig(PreTrainedConfig):
     causal_cross_attention: bool = True
     small_position_embeddings: Literal["zero", "keep"] = "zero"
     small_init: Literal["pretrained", "scratch"] = "pretrained"
+    head_init: Literal["random", "small"] = "random"
     vocab_size: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -138,6 +144,11 @@ class LLMModulesConfig(PreTrainedConfig):
             raise ValueError(f"small_position_embeddings must be 'zero' or 'keep', got {self.small_position_embeddings!r}")
         if self.small_init not in ("pretrained", "scratch"):
             raise ValueError(f"small_init must be 'pretrained' or 'scratch', got {self.small_init!r}")
+        if self.head_init not in ("random", "small"):
+            raise ValueError(f"head_init must be 'random' or 'small', got {self.head_init!r}")
+        if self.head_init == "small" and self.small_init != "pretrained":
+            raise ValueError("head_init='small' copies the pretrained small model's output embeddings: it needs "
+                             "small_init='pretrained'")
         if self.source_fusion not in ("separate", "concat"):
             raise ValueError(f"source_fusion must be 'separate' or 'concat', got {self.source_fusion!r}")
         paths = self.large_model_name_or_path

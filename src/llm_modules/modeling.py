@@ -7,6 +7,7 @@ head. The bridge lives in `bridge.py`, the caches in `cache.py`; their public na
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .bridge import (
 )
 from .cache import LLMModulesCache
 from .configuration import FORMAT_VERSION, LLMModulesConfig
+from .head_init import init_head_from_small, small_output_embeddings
 from .sources import (
     ModelSourceError,
     as_dtype,
@@ -43,6 +45,7 @@ from .sources import (
 )
 
 WEIGHTS_NAME = "model.safetensors"
+logger = logging.getLogger(__name__)
 
 # The bridge and cache classes moved to bridge.py and cache.py; importing them from here keeps working.
 __all__ = [
@@ -447,10 +450,17 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             small_model_name_or_path=small_source,
             **{**special, **config_overrides},
         )
+        # Read before the combined model frees the small model's token embeddings (tied models' output embeddings).
+        small_head = small_output_embeddings(small, small_source, trust_remote_code) if config.head_init == "small" else None
         model = cls(config, large_model=sources, small_model=small)
         device = next(large.parameters()).device
         for part in model.trained_parts():
             part.to(device=device, dtype=trained_dtype)
+        if small_head is not None:
+            copied = init_head_from_small(model.lm_head.weight, tokenizer,
+                                          load_tokenizer(small_source, trust_remote_code=trust_remote_code), small_head)
+            logger.info(f"head_init='small': {copied:,} of {config.vocab_size:,} head rows start from the small "
+                        "model's output embeddings")
         model.tokenizer = tokenizer
         return model
 

@@ -46,6 +46,8 @@ def add_train(subparsers) -> None:
     add("--num-depth-connections", type=int_at_least(1), metavar="K",
         help="add K gated cross-attentions per source from its inner layers into the small model's (CALM-style; "
         "zero-initialised); default: none, the paper's input bridge only")
+    add("--head-init", choices=["random", "small"], help="start the new LM head at random (default, the paper) or, "
+        "for tokens the small model's tokenizer also has, from the small model's output embeddings")
     add("--dataset", help="hub id, or a local .json/.jsonl/.parquet file or dir (default: bespokelabs/Bespoke-Stratos-17k)")
     add("--output-dir", help="where checkpoints, the final model and its model card go (default: llm-modules-stratos)")
     steps = parser.add_mutually_exclusive_group()
@@ -100,7 +102,7 @@ def run_train(args: argparse.Namespace) -> None:
     flags = {k: v for k, v in vars(args).items() if k not in ("preset", "config", "handler", "command", "debug")}
     if "large" in flags:  # `--large A` stays the string it always was; several make a list
         flags["large"] = flags["large"][0] if len(flags["large"]) == 1 else flags["large"]
-    composition = {k: flags.pop(k) for k in ("source_fusion", "num_depth_connections") if k in flags}
+    composition = {k: flags.pop(k) for k in ("source_fusion", "num_depth_connections", "head_init") if k in flags}
     if composition:  # `LLMModulesConfig` options, on top of a config file's `model_options`
         flags["model_options"] = {**preset.get("model_options", {}), **config.get("model_options", {}), **composition}
     try:
