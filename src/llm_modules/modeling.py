@@ -451,7 +451,9 @@ class LLMModulesForCausalLM(LLMModulesPreTrainedModel, GenerationMixin):
             **{**special, **config_overrides},
         )
         # Read before the combined model frees the small model's token embeddings (tied models' output embeddings).
-        small_head = small_output_embeddings(small, small_source, trust_remote_code) if config.head_init == "small" else None
+        small_head = None
+        if config.head_init == "small":
+            small_head = small_output_embeddings(small, small_source, trust_remote_code)
         model = cls(config, large_model=sources, small_model=small)
         device = next(large.parameters()).device
         for part in model.trained_parts():
