@@ -42,21 +42,24 @@ class RealDemoSettings:
     # 3-digit - 3-digit: measured on 60 held-out questions, Qwen 1.5B answers 0.983 in its chat template, SmolLM2
     # 0.000 (benchmarks/real_task_measure.py; add3 0.867, mul2x1 0.817, mul2x2 0.500 for Qwen).
     task: str = "sub3"
-    n_train: int = 150
+    n_train: int = 64
     n_eval: int = 60  # held-out questions (split B)
     n_eval_train: int = 10  # train questions asked again (split A)
     train: S.RealTrainOptions = field(default_factory=S.RealTrainOptions)
     systems: tuple[str, ...] = SYSTEMS
     large: str = LARGE
     small: str = SMALL
-    eval_batch_size: int = 25  # generation on the CPU is bound by reading the weights: wide batches amortise it
+    # Generation on the CPU is bound by reading the weights at small batches: a Qwen 1.5B decode step took 2.2 s for
+    # 8 rows and 3.4 s for 32 (float32, 2 threads), so every question goes in one batch.
+    eval_batch_size: int = 64
     max_new_tokens: int = 48  # a row's assistant turn is ~45 Qwen tokens
 
 
 def default_real_settings(quick: bool, seed: int) -> RealDemoSettings:
     """The full run or `--quick`: same systems, fewer rows. Sized by `estimate_seconds` for 45 and 15 minutes."""
     if quick:
-        return RealDemoSettings(n_train=64, n_eval=20, n_eval_train=5, train=S.RealTrainOptions(seed=seed))
+        # Half the rows, 1.5 times the epochs: 48 steps (not yet timed end to end).
+        return RealDemoSettings(n_train=32, n_eval=20, n_eval_train=5, train=S.RealTrainOptions(seed=seed, epochs=12))
     return RealDemoSettings(train=S.RealTrainOptions(seed=seed))
 
 
@@ -85,10 +88,11 @@ def run_real_demo(output_dir: str | Path = "llm-modules-demo-real", seed: int = 
 
 # Wall-time constants measured on our 2-core AVX2 VM (benchmarks/real_task_timing.py, sub3 rows of ~70 Qwen tokens,
 # frozen model in float32, batch 8): the frozen model's forward per cached token, one row through a training step,
-# one question answered by greedy generation.
+# one question answered by greedy generation. The combined model's row and question: a pilot of 64 rows x 8 epochs
+# (587 s) answering 30 held-out questions in one batch (145 s).
 SECONDS = {
-    "feature_token": 0.029, "combined_row": 1.57, "small_row": 1.03,
-    "native_large_question": 2.5, "native_small_question": 0.45, "combined_question": 12.0, "small_question": 1.5,
+    "feature_token": 0.029, "combined_row": 1.15, "small_row": 1.03,
+    "native_large_question": 2.5, "native_small_question": 0.45, "combined_question": 4.8, "small_question": 1.5,
 }
 
 

@@ -35,11 +35,14 @@ from .task import Problem, first_number, native_messages, stratos_row
 class RealTrainOptions:
     """One budget for both trained systems (epochs, batch size, seed); learning rates by what is trained."""
 
-    epochs: float = 2
+    # 64 rows x 8 epochs = 64 steps of 8: on seed 0 the combined model's loss reached ~0.01 by step 45 and it answered
+    # 28 of 30 held-out questions (teacher-forced digit accuracy 0.994); 24 steps were too few (0.53).
+    epochs: float = 8
     batch_size: int = 8
     seed: int = 0
+    # Measured at 24 steps (head_init="small"): lr_small 3e-4 reached loss 1.35, 1e-4 2.37, 1e-3 (bridge 3e-3) 2.13.
     lr_bridge: float = 1e-3
-    lr_small: float = 3e-4  # the combined model's small model and its new head (random init: it needs more)
+    lr_small: float = 3e-4  # the combined model's small model and its new head
     lr_small_only: float = 1e-4  # every weight of the small model alone
     weight_decay: float = 0.01
     warmup: float = 0.05
@@ -49,6 +52,10 @@ class RealTrainOptions:
         "cross_attention_heads": 8, "adapter_dim": 256, "dropout": 0.1,
         # SmolLM2 is a RoPE model trained with real positions: "zero" would take order away from its attention.
         "small_position_embeddings": "keep",
+        # The new head's rows of tokens SmolLM2 also has (39,237 of Qwen's 151,936, every digit among them) start as
+        # SmolLM2's output embeddings: at 24 steps, teacher-forced held-out digit accuracy 0.53 against 0.15 with the
+        # paper's random head (README, "Real models").
+        "head_init": "small",
     })
     feature_cache_dtype: str = "float16"
 
