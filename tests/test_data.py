@@ -273,3 +273,31 @@ def test_collator_masks_labels_by_attention_not_by_pad_id(tokenizer):
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, eos], [7, eos, IGNORE_INDEX]]  # real EOS kept, padding not
     assert batch["large_hidden_states"].shape == (2, 3, 3) and batch["large_hidden_states"][1, 2].abs().sum() == 0
     assert DataCollatorForLLMModules(0, pad_to_multiple_of=8)([a])["input_ids"].shape == (1, 8)
+
+
+def test_the_answer_follows_the_prompt_tokenized_as_generation_tokenizes_it():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llm_modules.evaluation import task_prompt_and_reference
+
+    # A byte-level BPE with GPT-2's pre-tokenizer (as SmolLM2's) and a merge for "\n\n": before "<" it reads the two
+    # newlines as two tokens, at the end of a text as one.
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(
+        ["Assistant:\n\n"] * 50 + ["<|begin_of_thought|> 1 + 2 = 3 <|end_of_thought|>"] * 5,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    row = {"system": "Add.", "conversations": [{"from": "user", "value": "What is 1 + 2?"},
+                                               {"from": "assistant", "value": "<|begin_of_thought|> 1 + 2 = 3"}]}
+    prompt, answer = task_prompt_and_reference(row)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    assert tokenizer(prompt + answer)["input_ids"][: len(prompt_ids)] != prompt_ids  # the boundary merges
+    example = encode_conversation(row, tokenizer)
+    n = len(prompt_ids)
+    assert example["input_ids"][:n] == prompt_ids and example["labels"][:n] == [-100] * n
+    assert tokenizer.decode(example["input_ids"][n:-1]) == answer and example["labels"][n:] == example["input_ids"][n:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id

@@ -192,10 +192,13 @@ def conversation_turns(row: Any) -> tuple[str, list[dict[str, str]]]:
 def encode_conversation(row: Any, tokenizer: PreTrainedTokenizerBase, loss_on: str = "assistant") -> dict[str, list[int]]:
     """Token ids, attention mask and labels of one Stratos row in the paper's layout, with EOS appended.
 
-    The text is `render_prompt(turns before the last answer) + last answer`, exactly what generation sees before its
-    answer, then the EOS id. `loss_on="assistant"` labels the assistant turns' tokens and the final EOS (everything
-    else is -100); `loss_on="all"` labels every token (the paper's code). The whole text is tokenized at once and
-    labels come from character offsets, so the prompt tokenizes as it does at generation time.
+    The ids are the prompt of the last answer (`render_prompt(turns before it)`, tokenized exactly as generation
+    tokenizes it), then the last answer tokenized on its own, then the EOS id. The two are tokenized apart because a
+    BPE can merge across their boundary: SmolLM2's tokenizer reads the prompt's closing "\n\n" as two tokens before
+    "<|begin_of_thought|>" but as one at the end of a prompt, so a model trained on the whole text at once never saw
+    the prompt it is asked with. `loss_on="assistant"` labels the assistant turns' tokens (earlier ones found by
+    character offsets within the prompt) and the final EOS (everything else is -100); `loss_on="all"` labels every
+    token (the paper's code).
     """
     if loss_on not in ("assistant", "all"):
         raise ValueError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}")
@@ -203,25 +206,23 @@ def encode_conversation(row: Any, tokenizer: PreTrainedTokenizerBase, loss_on: s
         raise ValueError("the tokenizer has no EOS token: the model could not learn to stop")
     system, turns = conversation_turns(row)
     text = render_turn("system", system)
-    spans = []
-    for index, turn in enumerate(turns):
-        if turn["role"] == "user":
-            text += render_turn("user", turn["content"])
-            continue
-        text += f"{ROLE_HEADERS['assistant']}\n\n"
-        spans.append((len(text), len(text) + len(turn["content"])))
-        text += turn["content"]
-        if index < len(turns) - 1:
-            text += "\n\n"
-    encoded = tokenizer(text, return_offsets_mapping=True)
-    input_ids = list(encoded["input_ids"])
+    spans = []  # character spans of the earlier assistant turns, within the prompt
+    for turn in turns[:-1]:
+        if turn["role"] == "assistant":
+            start = len(text) + len(f"{ROLE_HEADERS['assistant']}\n\n")
+            spans.append((start, start + len(turn["content"])))
+        text += render_turn(turn["role"], turn["content"])
+    text += f"{ROLE_HEADERS['assistant']}\n\n"  # = render_prompt(turns[:-1], system), what generation continues
+    prompt = tokenizer(text, return_offsets_mapping=True)
+    answer = list(tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"])
+    input_ids = list(prompt["input_ids"]) + answer
     if loss_on == "all":
         labels = list(input_ids)
     else:
         labels = [
             token if end > start and any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
-            for token, (start, end) in zip(input_ids, encoded["offset_mapping"])
-        ]
+            for token, (start, end) in zip(prompt["input_ids"], prompt["offset_mapping"])
+        ] + answer
     if not input_ids or input_ids[-1] != tokenizer.eos_token_id:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)  # the paper's code never learns EOS, so its model cannot stop
