@@ -58,8 +58,8 @@ class RealDemoSettings:
 def default_real_settings(quick: bool, seed: int) -> RealDemoSettings:
     """The full run or `--quick`: same systems, fewer rows. Sized by `estimate_seconds` for 45 and 15 minutes."""
     if quick:
-        # Half the rows, 1.5 times the epochs: 48 steps (not yet timed end to end).
-        return RealDemoSettings(n_train=32, n_eval=20, n_eval_train=5, train=S.RealTrainOptions(seed=seed, epochs=12))
+        # Half the rows and half the steps (32 of 8): about 14 minutes by `estimate_seconds`.
+        return RealDemoSettings(n_train=32, n_eval=20, n_eval_train=5, train=S.RealTrainOptions(seed=seed))
     return RealDemoSettings(train=S.RealTrainOptions(seed=seed))
 
 
@@ -86,13 +86,14 @@ def run_real_demo(output_dir: str | Path = "llm-modules-demo-real", seed: int = 
         return _run(output_dir, seed, quick, settings, Path(scratch))
 
 
-# Wall-time constants measured on our 2-core AVX2 VM (benchmarks/real_task_timing.py, sub3 rows of ~70 Qwen tokens,
-# frozen model in float32, batch 8): the frozen model's forward per cached token, one row through a training step,
-# one question answered by greedy generation. The combined model's row and question: a pilot of 64 rows x 8 epochs
-# (587 s) answering 30 held-out questions in one batch (145 s).
+# Wall-time constants measured on our 2-core AVX2 VM (sub3 rows of ~70 Qwen tokens, frozen model in float32, batch
+# 8; seed 0's full run, phases timed from its progress bars): the frozen model's forward per cached token, one row
+# through a training step, and a generation pass over the questions (one batch: a fixed cost for the decode steps plus
+# a cost per question).
 SECONDS = {
-    "feature_token": 0.029, "combined_row": 1.15, "small_row": 1.03,
-    "native_large_question": 2.5, "native_small_question": 0.45, "combined_question": 4.8, "small_question": 1.5,
+    "feature_token": 0.029, "combined_row": 1.17, "small_row": 0.90,
+    "native_small_pass": 15.5, "native_small_question": 0.054, "native_large_pass": 6.4, "native_large_question": 1.46,
+    "small_pass": 7.4, "small_question": 0.26, "combined_pass": 100.0, "combined_question": 2.26,
 }
 
 
@@ -101,11 +102,11 @@ def estimate_seconds(settings: RealDemoSettings, row_tokens: int = 70) -> dict[s
     questions = settings.n_eval + settings.n_eval_train
     passes = settings.n_train * settings.train.epochs
     per_system = {
-        "small_zero_shot": 5 + questions * SECONDS["native_small_question"],
-        "large_native": 15 + questions * SECONDS["native_large_question"],
-        "small_only": 5 + passes * SECONDS["small_row"] + questions * SECONDS["small_question"],
+        "small_zero_shot": 5 + SECONDS["native_small_pass"] + questions * SECONDS["native_small_question"],
+        "large_native": 15 + SECONDS["native_large_pass"] + questions * SECONDS["native_large_question"],
+        "small_only": 5 + passes * SECONDS["small_row"] + SECONDS["small_pass"] + questions * SECONDS["small_question"],
         "combined": 15 + settings.n_train * row_tokens * SECONDS["feature_token"] + passes * SECONDS["combined_row"]
-        + questions * SECONDS["combined_question"],
+        + SECONDS["combined_pass"] + questions * SECONDS["combined_question"],
     }
     return {name: round(per_system[name]) for name in settings.systems}
 
@@ -162,11 +163,14 @@ def _system(name: str, settings: RealDemoSettings, large_dir: Path, small_dir: P
             held_out: list[Problem], asked_train: list[Problem], output_dir: Path, work_dir: Path,
             predictions_dir: Path, logs_dir: Path) -> tuple[dict, list[dict], dict]:
     """(results row, training log history, extra top-level results) of one system."""
+    # Held-out and train questions go through one generation pass: a decode step costs about the same for 10 rows as
+    # for 70 here (reading the weights dominates), so a second pass for the train questions would double the cost.
+    questions, n_b = held_out + asked_train, len(held_out)
     batch = settings.eval_batch_size
     if name in ("small_zero_shot", "large_native"):
         model, tokenizer = S.load_plain(small_dir if name == "small_zero_shot" else large_dir, torch.float32)
-        b = S.native_predictions(model, tokenizer, held_out, batch_size=batch, desc=f"{name} held-out")
-        a = S.native_predictions(model, tokenizer, asked_train, batch_size=batch, desc=f"{name} train")
+        predictions = S.native_predictions(model, tokenizer, questions, batch_size=batch, desc=f"{name} questions")
+        b, a = predictions[:n_b], predictions[n_b:]
         _write_predictions(predictions_dir / f"{name}.jsonl", b)
         row = _row(S.accuracy(b), S.accuracy(a), 1.0, 0, 0.0, len(b), len(a))
         row["format_valid"] = sum(p["answer"] is not None for p in b) / len(b)  # a number was given
@@ -179,11 +183,13 @@ def _system(name: str, settings: RealDemoSettings, large_dir: Path, small_dir: P
         trained, features = S.combined(model, train_problems, settings.train, output_dir / "models" / "combined",
                                        work_dir / "features", logs_dir / f"{name}.jsonl")
         tokenizer, extra = model.tokenizer, {"feature_cache": features}
-    kwargs = dict(batch_size=batch, max_new_tokens=settings.max_new_tokens)
-    b = S.answer_predictions(trained.model, tokenizer, held_out, desc=f"{name} held-out", **kwargs)
-    a = S.answer_predictions(trained.model, tokenizer, asked_train, desc=f"{name} train", **kwargs)
-    _write_predictions(predictions_dir / f"{name}.jsonl", b.predictions)
-    row = _row(b.exact_match, a.exact_match, b.format_valid, trained.trainable_params, trained.train_seconds, b.n, a.n)
+    predictions = S.answer_predictions(trained.model, tokenizer, questions, desc=f"{name} questions", batch_size=batch,
+                                       max_new_tokens=settings.max_new_tokens).predictions
+    b, a = predictions[:n_b], predictions[n_b:]
+    _write_predictions(predictions_dir / f"{name}.jsonl", b)
+    format_valid = sum(p["well_formed"] for p in b) / len(b)
+    row = _row(S.accuracy(b), S.accuracy(a), format_valid, trained.trainable_params, trained.train_seconds, len(b),
+               len(a))
     return row, trained.log_history, extra
 
 
