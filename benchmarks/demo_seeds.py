@@ -1,6 +1,6 @@
 """The demo over several seeds, as README reports it: mean (min-max) of each system's scores.
 
-    for s in 0 1 2; do llm-modules demo --seed $s --output-dir demo-$s; done   # or with --task two-sources
+    for s in 0 1 2; do llm-modules demo --seed $s --output-dir demo-$s; done   # or --task two-sources, or --real
     python benchmarks/demo_seeds.py demo-0 demo-1 demo-2 [--no-times]
 
 `--no-times` leaves out training and wall times (for runs that shared the cores with other work).
@@ -31,9 +31,18 @@ def main(dirs: list[str], times: bool = True) -> None:
     for name in names:
         cells = [spread([r["systems"][name][key] for r in runs], 0 if key == "train_seconds" else 3) for key, _ in columns]
         print(f"| `{name}` | " + " | ".join(cells) + f" | {runs[0]['systems'][name]['trainable_params']:,} |")
-    wall = f"; wall time: {spread([r['wall_seconds'] for r in runs], 0)} s" if times else ""
-    print(f"\nmajority baseline on split B: {spread([r['majority_baseline_b'] for r in runs], 3)}{wall}; "
-          f"n_b = {runs[0]['systems'][names[0]]['n_b']}")
+    wall = f"wall time: {spread([r['wall_seconds'] for r in runs], 0)} s; " if times else ""
+    majority = ""
+    if "majority_baseline_b" in runs[0]:  # the synthetic demos; the real one's answers are numbers
+        majority = f"majority baseline on split B: {spread([r['majority_baseline_b'] for r in runs], 3)}; "
+    print(f"\n{majority}{wall}n_b = {runs[0]['systems'][names[0]]['n_b']}")
+    if {"combined", "small_only", "large_native"} <= set(names):  # `--real`: issue 12's targets, seed by seed
+        print()
+        for r in runs:
+            b = {name: r["systems"][name]["split_b_exact_match"] for name in names}
+            print(f"seed {r['seed']}: " + ", ".join(f"{name} {score:.3f}" for name, score in b.items())
+                  + f"; combined - small_only = {b['combined'] - b['small_only']:+.3f}, combined / large_native = "
+                  f"{b['combined'] / b['large_native']:.3f}" + (f"; wall {r['wall_seconds']:.0f} s" if times else ""))
     with_attributes = [n for n in names if "per_attribute_b" in runs[0]["systems"][n]]
     if with_attributes:  # `--task two-sources`: split B exact match per attribute
         attributes = list(runs[0]["systems"][with_attributes[0]]["per_attribute_b"])

@@ -10,7 +10,7 @@ import torch
 
 from llm_modules.data import conversation_turns, encode_conversation
 from llm_modules.demo.real import RealDemoSettings, run_real_demo
-from llm_modules.demo.real.systems import RealTrainOptions, native_answer
+from llm_modules.demo.real.systems import RealTrainOptions, answer_token_budget, native_answer
 from llm_modules.demo.real.task import (
     TASKS, Problem, draw_problems, first_number, make_split, native_messages, stratos_row,
 )
@@ -66,7 +66,7 @@ def test_rows_are_stratos_rows_with_the_answer_as_solution(tiny_pair):
 
 @pytest.mark.parametrize("reply, expected", [
     ("936", "936"), ("The answer is 1,036.", "1036"), ("347 + 589 = 1757", "1757"), ("347+589=936", "936"),
-    ("To add 347 and 589 ...", "347"), ("no number", None),
+    ("347 + 589 is 22.", "22"), ("347 + 589 equals 936", "936"), ("To add 347 and 589 ...", "347"), ("no number", None),
 ])
 def test_native_answer_skips_a_restated_question(reply, expected):
     assert native_answer(reply, Problem("add3", 347, 589)) == expected
@@ -139,6 +139,21 @@ def test_the_combined_model_keeps_the_frozen_model_in_float32_and_frozen(tiny_ch
 
 
 # ---- real weights --------------------------------------------------------------------------------------------------
+
+
+def test_answer_budget_fits_every_held_out_answer_in_each_real_tokenizer():
+    """The trained systems generate at most `answer_token_budget` tokens: a cut answer has no solution marker and
+    scores as wrong (SmolLM2 needs 50-54 tokens where Qwen needs 41-45)."""
+    from transformers import AutoTokenizer
+
+    train, held_out = make_split("sub3", 64, 60, 0)
+    for name in ("qwen2.5-coder-1.5b-instruct", "smollm2-135m-instruct"):
+        model = fetched_model(name)
+        if model is None:
+            pytest.skip(f"not fetched: {name} (llm-modules fetch NAME)")
+        tokenizer = AutoTokenizer.from_pretrained(model.plain)
+        longest = max(len(tokenizer(stratos_row(p)["conversations"][-1]["value"])["input_ids"]) for p in held_out)
+        assert answer_token_budget(tokenizer, train) >= longest + 1  # and the end-of-sequence token
 
 
 @pytest.mark.slow

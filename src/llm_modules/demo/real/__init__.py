@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -52,14 +53,19 @@ class RealDemoSettings:
     # Generation on the CPU is bound by reading the weights at small batches: a Qwen 1.5B decode step took 2.2 s for
     # 8 rows and 3.4 s for 32 (float32, 2 threads), so every question goes in one batch.
     eval_batch_size: int = 64
-    max_new_tokens: int = 48  # a row's assistant turn is ~45 Qwen tokens
+    # The trained systems' generation budget; None: each system's longest train answer in its own tokenizer, plus 8
+    # (`systems.answer_token_budget`).
+    max_new_tokens: int | None = None
 
 
 def default_real_settings(quick: bool, seed: int) -> RealDemoSettings:
     """The full run or `--quick`: same systems, fewer rows. Sized by `estimate_seconds` for 45 and 15 minutes."""
     if quick:
-        # Half the rows and half the steps (32 of 8): about 14 minutes by `estimate_seconds`.
-        return RealDemoSettings(n_train=32, n_eval=20, n_eval_train=5, train=S.RealTrainOptions(seed=seed))
+        # Half the rows, 56 steps of 4. 32 steps of 8 took 855 s on seed 0 but left the combined model's loss at 1.1
+        # (0.050 held-out): it needs ~50 steps (the full run's loss was 0.012 at step 45), and a step of 4 rows costs
+        # more than half a step of 8 (the optimizer's update of 206M weights is ~1.6 s whatever the batch).
+        return RealDemoSettings(n_train=32, n_eval=20, n_eval_train=5,
+                                train=S.RealTrainOptions(seed=seed, epochs=7, batch_size=4))
     return RealDemoSettings(train=S.RealTrainOptions(seed=seed))
 
 
@@ -88,10 +94,11 @@ def run_real_demo(output_dir: str | Path = "llm-modules-demo-real", seed: int = 
 
 # Wall-time constants measured on our 2-core AVX2 VM (sub3 rows of ~70 Qwen tokens, frozen model in float32, batch
 # 8; seed 0's full run, phases timed from its progress bars): the frozen model's forward per cached token, one row
-# through a training step, and a generation pass over the questions (one batch: a fixed cost for the decode steps plus
-# a cost per question).
+# through a training step plus the optimizer's update per step (~1.6 s for the combined model's 206M trained weights,
+# measured with torch.autograd.profiler), and a generation pass over the questions (one batch: a fixed cost for the
+# decode steps plus a cost per question).
 SECONDS = {
-    "feature_token": 0.029, "combined_row": 1.17, "small_row": 0.90,
+    "feature_token": 0.029, "combined_row": 0.97, "combined_step": 1.6, "small_row": 0.77, "small_step": 1.0,
     "native_small_pass": 15.5, "native_small_question": 0.054, "native_large_pass": 6.4, "native_large_question": 1.46,
     "small_pass": 7.4, "small_question": 0.26, "combined_pass": 100.0, "combined_question": 2.26,
 }
@@ -101,12 +108,13 @@ def estimate_seconds(settings: RealDemoSettings, row_tokens: int = 70) -> dict[s
     """A rough wall time per system on our 2-core VM (the constants above), to print up front."""
     questions = settings.n_eval + settings.n_eval_train
     passes = settings.n_train * settings.train.epochs
+    steps = math.ceil(settings.n_train / settings.train.batch_size) * settings.train.epochs
     per_system = {
         "small_zero_shot": 5 + SECONDS["native_small_pass"] + questions * SECONDS["native_small_question"],
         "large_native": 15 + SECONDS["native_large_pass"] + questions * SECONDS["native_large_question"],
-        "small_only": 5 + passes * SECONDS["small_row"] + SECONDS["small_pass"] + questions * SECONDS["small_question"],
+        "small_only": 5 + passes * SECONDS["small_row"] + steps * SECONDS["small_step"] + SECONDS["small_pass"] + questions * SECONDS["small_question"],
         "combined": 15 + settings.n_train * row_tokens * SECONDS["feature_token"] + passes * SECONDS["combined_row"]
-        + SECONDS["combined_pass"] + questions * SECONDS["combined_question"],
+        + steps * SECONDS["combined_step"] + SECONDS["combined_pass"] + questions * SECONDS["combined_question"],
     }
     return {name: round(per_system[name]) for name in settings.systems}
 
@@ -183,8 +191,9 @@ def _system(name: str, settings: RealDemoSettings, large_dir: Path, small_dir: P
         trained, features = S.combined(model, train_problems, settings.train, output_dir / "models" / "combined",
                                        work_dir / "features", logs_dir / f"{name}.jsonl")
         tokenizer, extra = model.tokenizer, {"feature_cache": features}
+    budget = settings.max_new_tokens or S.answer_token_budget(tokenizer, train_problems)
     predictions = S.answer_predictions(trained.model, tokenizer, questions, desc=f"{name} questions", batch_size=batch,
-                                       max_new_tokens=settings.max_new_tokens).predictions
+                                       max_new_tokens=budget).predictions
     b, a = predictions[:n_b], predictions[n_b:]
     _write_predictions(predictions_dir / f"{name}.jsonl", b)
     format_valid = sum(p["well_formed"] for p in b) / len(b)

@@ -13,6 +13,7 @@ float32, and the cache stores its states in float16 (half the disk, no bf16 comp
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,13 +74,11 @@ def load_plain(path: str | Path, dtype: torch.dtype = torch.float32):
 
 def native_answer(reply: str, problem: Problem) -> str | None:
     """The number a chat reply answers: its first number, after a restatement of the question when the reply starts
-    with one (SmolLM2 writes `347 + 589 = 1757`, whose first number would be the operand 347)."""
+    with one (SmolLM2 writes `347 + 589 = 1757` or `347 + 589 is 22.`, whose first number would be the operand)."""
     text = reply.strip()
-    for restated in (f"{problem.expression} =", f"{problem.expression.replace(' ', '')}="):
-        if text.startswith(restated):
-            text = text[len(restated):]
-            break
-    return first_number(text)
+    operands = r"\s*".join(re.escape(part) for part in problem.expression.split())
+    restated = re.match(rf"{operands}\s*(=|is|equals)\s*", text)
+    return first_number(text[restated.end():] if restated else text)
 
 
 def native_predictions(model, tokenizer, problems: list[Problem], batch_size: int = 16, max_new_tokens: int = 24,
@@ -150,6 +149,12 @@ def combined(model: LLMModulesForCausalLM, train_problems: list[Problem], option
                          trainer.state.log_history), features
 
 
+def answer_token_budget(tokenizer, problems: list[Problem], margin: int = 8) -> int:
+    """`max_new_tokens` for a trained system: its longest assistant turn among `problems` in its own tokenizer, plus
+    `margin` (SmolLM2 splits the row markers into more tokens than Qwen: 50-54 tokens against 41-45 on sub3)."""
+    return margin + max(len(tokenizer(stratos_row(p)["conversations"][-1]["value"])["input_ids"]) for p in problems)
+
+
 def answer_predictions(model, tokenizer, problems: list[Problem], batch_size: int = 16, max_new_tokens: int = 48,
                        desc: str = "answers"):
     """`evaluation.evaluate_answers` on the Stratos rows of `problems`: exact match of the solution section."""
@@ -157,5 +162,5 @@ def answer_predictions(model, tokenizer, problems: list[Problem], batch_size: in
                             batch_size=batch_size, desc=desc)
 
 
-__all__ = ["RealTrainOptions", "accuracy", "answer_predictions", "combined", "compose", "load_plain",
-           "native_answer", "native_predictions", "small_only", "trainable"]
+__all__ = ["RealTrainOptions", "accuracy", "answer_predictions", "answer_token_budget", "combined", "compose",
+           "load_plain", "native_answer", "native_predictions", "small_only", "trainable"]
