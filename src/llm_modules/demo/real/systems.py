@@ -55,7 +55,7 @@ class RealTrainOptions:
         "small_position_embeddings": "keep",
         # The new head's rows of tokens SmolLM2 also has (39,237 of Qwen's 151,936, every digit among them) start as
         # SmolLM2's output embeddings: at 24 steps, teacher-forced held-out digit accuracy 0.53 against 0.15 with the
-        # paper's random head (README, "On real weights").
+        # paper's random head (README, "The demo on real models").
         "head_init": "small",
     })
     feature_cache_dtype: str = "float16"
