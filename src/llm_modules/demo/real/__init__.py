@@ -113,7 +113,8 @@ def estimate_seconds(settings: RealDemoSettings, row_tokens: int = 70) -> dict[s
     per_system = {
         "small_zero_shot": 5 + SECONDS["native_small_pass"] + questions * SECONDS["native_small_question"],
         "large_native": 15 + SECONDS["native_large_pass"] + questions * SECONDS["native_large_question"],
-        "small_only": 5 + passes * SECONDS["small_row"] + steps * SECONDS["small_step"] + SECONDS["small_pass"] + questions * SECONDS["small_question"],
+        "small_only": 5 + passes * SECONDS["small_row"] + steps * SECONDS["small_step"] + SECONDS["small_pass"]
+        + questions * SECONDS["small_question"],
         "combined": 15 + settings.n_train * row_tokens * SECONDS["feature_token"] + passes * SECONDS["combined_row"]
         + steps * SECONDS["combined_step"] + SECONDS["combined_pass"] + questions * SECONDS["combined_question"],
     }
