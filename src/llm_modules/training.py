@@ -348,7 +348,9 @@ def training_arguments(options: TrainingOptions, has_eval: bool) -> TrainingArgu
         max_grad_norm=options.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        optim="adamw_torch",
+        # The fused kernel: on our 2-core CPU one AdamW step over the real demo's 206M trained weights took 0.2 s
+        # against 1.6 s for the default foreach one (transformers picks it itself from torch 2.8; we support 2.6).
+        optim="adamw_torch_fused",
         seed=options.seed,
         logging_steps=options.logging_steps,
         logging_first_step=True,
