@@ -61,10 +61,9 @@ class RealDemoSettings:
 def default_real_settings(quick: bool, seed: int) -> RealDemoSettings:
     """The full run or `--quick`: same systems, fewer rows. Sized by `estimate_seconds` for 45 and 15 minutes."""
     if quick:
-        # Half the rows, 56 steps of 4 (a step of 4 rows costs more than half a step of 8: the optimizer's update of
-        # 206M weights is ~1.6 s whatever the batch). Measured: 32 steps of 8 (seed 0, 855 s) left the combined
-        # model's loss at 1.1 and 0.050 held-out; 48 steps of 4 (seed 1, 775 s) at 0.22 and 0.000; 56 steps of 4
-        # (seed 0, 898 s) reached 0.006 and 0.750 against small_only's 0.000. Not yet reliable within 15 minutes.
+        # Half the rows, 56 steps of 4. Measured: 32 steps of 8 (seed 0, 855 s) left the combined model's loss at 1.1
+        # and 0.050 held-out; 56 steps of 4 reached 0.006 and 0.750 on seed 0 (898 s, foreach AdamW) but stopped at
+        # 0.13 and 0.000 on seed 1 (805 s, fused AdamW). Not yet reliable within 15 minutes (README).
         return RealDemoSettings(n_train=32, n_eval=20, n_eval_train=5,
                                 train=S.RealTrainOptions(seed=seed, epochs=7, batch_size=4))
     return RealDemoSettings(train=S.RealTrainOptions(seed=seed))
@@ -95,11 +94,11 @@ def run_real_demo(output_dir: str | Path = "llm-modules-demo-real", seed: int = 
 
 # Wall-time constants measured on our 2-core AVX2 VM (sub3 rows of ~70 Qwen tokens, frozen model in float32, batch
 # 8; seed 0's full run, phases timed from its progress bars): the frozen model's forward per cached token, one row
-# through a training step plus the optimizer's update per step (~1.6 s for the combined model's 206M trained weights,
-# measured with torch.autograd.profiler), and a generation pass over the questions (one batch: a fixed cost for the
-# decode steps plus a cost per question).
+# through a training step plus the optimizer's update per step (0.2 s for the combined model's 206M trained weights
+# with the fused AdamW kernel, 1.6 s with the foreach one the full run was measured with), and a generation pass over
+# the questions (one batch: a fixed cost for the decode steps plus a cost per question).
 SECONDS = {
-    "feature_token": 0.029, "combined_row": 0.97, "combined_step": 1.6, "small_row": 0.77, "small_step": 1.0,
+    "feature_token": 0.029, "combined_row": 0.97, "combined_step": 0.2, "small_row": 0.77, "small_step": 1.0,
     "native_small_pass": 15.5, "native_small_question": 0.054, "native_large_pass": 6.4, "native_large_question": 1.46,
     "small_pass": 7.4, "small_question": 0.26, "combined_pass": 100.0, "combined_question": 2.26,
 }
