@@ -29,9 +29,10 @@ import torch
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from .checkpoints import WEIGHTS_NAME
 from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, prepare_datasets, resolve_dataset_source
 from .model_card import write_model_card
-from .modeling import WEIGHTS_NAME, LLMModulesForCausalLM
+from .modeling import LLMModulesForCausalLM
 from .training_log import keep_logs_off_terminal
 from .presets import CHOICES, LIMITS, check_option
 from .sources import ModelSourceError, check_same_vocabulary, load_config, resolve_model_source
