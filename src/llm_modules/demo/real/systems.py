@@ -155,9 +155,11 @@ def answer_token_budget(tokenizer, problems: list[Problem], margin: int = 8) -> 
     return margin + max(len(tokenizer(stratos_row(p)["conversations"][-1]["value"])["input_ids"]) for p in problems)
 
 
-def answer_predictions(model, tokenizer, problems: list[Problem], batch_size: int = 16, max_new_tokens: int = 48,
+def answer_predictions(model, tokenizer, problems: list[Problem], *, max_new_tokens: int, batch_size: int = 16,
                        desc: str = "answers"):
-    """`evaluation.evaluate_answers` on the Stratos rows of `problems`: exact match of the solution section."""
+    """`evaluation.evaluate_answers` on the Stratos rows of `problems`: exact match of the solution section.
+    `max_new_tokens` has no default: size it for `tokenizer` with `answer_token_budget` (a fixed 48 cut SmolLM2's
+    answers short)."""
     return evaluate_answers(model, tokenizer, [stratos_row(p) for p in problems], max_new_tokens=max_new_tokens,
                             batch_size=batch_size, desc=desc)
 
