@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import __version__
 from .bench import add_bench
+from .compare import add_compare
 from .common import (
     EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, HelpFormatter, Parser, UsageError, int_at_least,
     library_messages,
@@ -25,7 +26,8 @@ from .train import add_train
 
 # In the order a newcomer meets them: see it work, train, use, measure, inspect.
 COMMANDS: list[Callable] = [
-    add_demo, add_train, add_eval, add_generate, add_chat, add_serve, add_info, add_bench, add_smoke_test, add_fetch,
+    add_demo, add_train, add_eval, add_generate, add_chat, add_serve, add_compare, add_info, add_bench, add_smoke_test,
+    add_fetch,
 ]
 
 DESCRIPTION = """\

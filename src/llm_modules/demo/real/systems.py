@@ -13,7 +13,6 @@ float32, and the cache stores its states in float16 (half the disk, no bf16 comp
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from ...modeling import LLMModulesForCausalLM
 from ...training import TrainingOptions, train
 from ...training_log import log_file_callbacks
 from ..systems import TaskOptions, TrainedSystem, train_plain, trainable
-from .task import Problem, first_number, native_messages, stratos_row
+from .task import Problem, native_answer, native_messages, stratos_row
 
 
 @dataclass
@@ -70,15 +69,6 @@ def load_plain(path: str | Path, dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching only: the attention mask hides padding
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
-
-
-def native_answer(reply: str, problem: Problem) -> str | None:
-    """The number a chat reply answers: its first number, after a restatement of the question when the reply starts
-    with one (SmolLM2 writes `347 + 589 = 1757` or `347 + 589 is 22.`, whose first number would be the operand)."""
-    text = reply.strip()
-    operands = r"\s*".join(re.escape(part) for part in problem.expression.split())
-    restated = re.match(rf"{operands}\s*(=|is|equals)\s*", text)
-    return first_number(text[restated.end():] if restated else text)
 
 
 def native_predictions(model, tokenizer, problems: list[Problem], batch_size: int = 16, max_new_tokens: int = 24,

@@ -144,6 +144,15 @@ def native_messages(problem: Problem) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{problem.question} {NATIVE_INSTRUCTION}"}]
 
 
+def native_answer(reply: str, problem: Problem) -> str | None:
+    """The number a chat reply answers: its first number, after a restatement of the question when the reply starts
+    with one (SmolLM2 writes `347 + 589 = 1757` or `347 + 589 is 22.`, whose first number would be the operand)."""
+    text = reply.strip()
+    operands = r"\s*".join(re.escape(part) for part in problem.expression.split())
+    restated = re.match(rf"{operands}\s*(=|is|equals)\s*", text)
+    return first_number(text[restated.end():] if restated else text)
+
+
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?!\d)|-?\d+")
 
 
