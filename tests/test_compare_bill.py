@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llm_modules.compare import bill
 from llm_modules.compare.bill import (
-    Bill,
     PeakRSS,
     decode_seconds_per_token,
     disk_bytes,
@@ -140,11 +139,3 @@ def test_train_multiply_adds_on_hand_numbers():
     assert big == 10**6 * (8 * 6 * 10**8 + 1_500_000_001)  # exact, past float precision
     with pytest.raises(ValueError):
         train_multiply_adds(1000, -1, trained=10)
-
-
-def test_bill_to_dict():
-    row = Bill(trainable_params=5, train_seconds=1.5, best_seconds=1.0, train_multiply_adds=9, peak_rss_bytes=None,
-               decode_seconds_per_token=0.01, weights_read_per_token_bytes=40, disk_bytes=100)
-    assert row.to_dict() == {"trainable_params": 5, "train_seconds": 1.5, "best_seconds": 1.0, "train_multiply_adds": 9,
-                             "peak_rss_bytes": None, "decode_seconds_per_token": 0.01,
-                             "weights_read_per_token_bytes": 40, "disk_bytes": 100}

@@ -83,6 +83,7 @@ class CompareSettings:
 def run_compare(settings: CompareSettings, output_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run the comparison for every seed; write the outputs (module docstring); return the summary over seeds (as
     written to `results.json`, plus "table", the Markdown table)."""
+    from ..demo import no_loading_bars
     from ..demo.real import model_dir
 
     settings.check()
@@ -94,10 +95,11 @@ def run_compare(settings: CompareSettings, output_dir: str | Path, progress: boo
     if settings.options.lora_large:
         settings.options.lora_large = str(model_dir(settings.options.lora_large))
     per_seed = []
-    for seed in settings.seeds:
-        task = (files_task(settings.train, settings.eval) if settings.train
-                else builtin_task(settings.task, settings.n_train, settings.n_eval, seed))
-        per_seed.append(run_seed(settings, task, seed, large_dir, small_dir, output_dir / f"seed-{seed}", progress))
+    with no_loading_bars():
+        for seed in settings.seeds:
+            task = (files_task(settings.train, settings.eval) if settings.train
+                    else builtin_task(settings.task, settings.n_train, settings.n_eval, seed))
+            per_seed.append(run_seed(settings, task, seed, large_dir, small_dir, output_dir / f"seed-{seed}", progress))
     from .report import write_summary
 
     return write_summary(output_dir, per_seed)
@@ -212,7 +214,8 @@ def run_system(name: str, settings: CompareSettings, context: Context, task: Com
                 fit = system.fit(context, lr)
             entry = {"lr": lr, "val_loss": fit.val_loss, "train_seconds": round(fit.train_seconds, 1),
                      "best_seconds": round(fit.best_seconds, 1), "best_epoch": fit.best_epoch,
-                     "epochs_run": fit.epochs_run, "peak_rss_bytes": peak.peak_bytes}
+                     "epochs_run": fit.epochs_run, "peak_rss_bytes": peak.peak_bytes,
+                     "start_rss_bytes": peak.start_bytes}
             grid.append(entry)
             logger.info(f"{name} lr {lr:g}: validation loss {fit.val_loss:.4f} at epoch {fit.best_epoch:g} "
                         f"({fit.train_seconds:.0f} s)")
@@ -232,7 +235,7 @@ def run_system(name: str, settings: CompareSettings, context: Context, task: Com
                    train_seconds=best_fit["train_seconds"], best_seconds=best_fit["best_seconds"],
                    best_epoch=best_fit["best_epoch"], epochs_run=best_fit["epochs_run"],
                    grid_seconds=round(sum(e["train_seconds"] for e in grid), 1),
-                   peak_rss_bytes=best_fit["peak_rss_bytes"],
+                   peak_rss_bytes=best_fit["peak_rss_bytes"], start_rss_bytes=best_fit["start_rss_bytes"],
                    train_multiply_adds=multiply_adds(name, model, best_fit["tokens"], best_fit["epochs_run"],
                                                      context.large_dir),
                    grid=grid, max_new_tokens=budget_tokens, **extra)

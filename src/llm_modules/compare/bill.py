@@ -5,17 +5,18 @@
 - `train_multiply_adds`: training compute from those weight counts (Kaplan et al. 2020's approximation).
 - `PeakRSS`: this process's peak resident memory inside a block; `disk_bytes`: the bytes a user must ship.
 
-They work on plain Hugging Face causal LMs, PEFT models and `LLMModulesForCausalLM` alike; `Bill` holds one row.
+They work on plain Hugging Face causal LMs, PEFT models and `LLMModulesForCausalLM` alike; the harness (`compare/__init__.py`) writes them into each system's results row.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -28,23 +29,6 @@ from ..modeling import LLMModulesForCausalLM
 
 _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
-
-
-@dataclass
-class Bill:
-    """One system's costs. Seconds are wall-clock; `peak_rss_bytes` is None for a system that was not trained here."""
-
-    trainable_params: int
-    train_seconds: float  # the whole chosen run
-    best_seconds: float  # until the end of its best epoch
-    train_multiply_adds: int
-    peak_rss_bytes: int | None
-    decode_seconds_per_token: float
-    weights_read_per_token_bytes: int
-    disk_bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---- serving -------------------------------------------------------------------------------------------------
@@ -154,17 +138,25 @@ class PeakRSS:
     On Linux, writing "5" to /proc/self/clear_refs resets the kernel's high-water mark (VmHWM) to the current RSS, and
     VmHWM is read on exit: every peak is seen, however short (`method == "vmhwm"`). Where that file is not writable,
     a thread samples the RSS every 50 ms (`method == "sampled"`): peaks shorter than that can be missed.
+
+    On entry, garbage is collected and glibc's free heap pages are handed back to the kernel (`malloc_trim`), so
+    memory an earlier block freed but the allocator kept does not count as this block's: `start_bytes` is the RSS
+    the block starts from (what the process holds anyway: the interpreter, the libraries, whatever is still alive).
     """
 
     interval = 0.05  # seconds between samples of the fallback
 
     def __init__(self) -> None:
         self.peak_bytes: int | None = None
+        self.start_bytes: int | None = None
         self.method: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        _release_free_heap()
+        self.start_bytes = psutil.Process().memory_info().rss
         try:
             with open(_CLEAR_REFS, "w") as f:
                 f.write("5")
@@ -190,6 +182,14 @@ class PeakRSS:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
+
+
+def _release_free_heap() -> None:
+    """glibc's `malloc_trim(0)`: return free heap pages to the kernel (a no-op where there is no glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def train_multiply_adds(tokens_per_epoch: int, epochs: float, trained: int, frozen_backprop: int = 0,
