@@ -14,6 +14,9 @@ from pathlib import Path
 
 COLUMNS = [("split_b_exact_match", "split B exact match"), ("split_a_exact_match", "split A exact match"),
            ("format_valid", "well-formed (B)"), ("train_seconds", "train s")]
+# `--real` runs are compare's seed dirs: held-out and train questions under compare's names.
+REAL_COLUMNS = [("eval_exact_match", "held-out exact match"), ("train_exact_match", "train questions"),
+                ("format_valid", "well-formed (held-out)"), ("train_seconds", "train s")]
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -22,9 +25,11 @@ def spread(values: list[float], digits: int) -> str:
 
 
 def main(dirs: list[str], times: bool = True) -> None:
-    columns = [(key, title) for key, title in COLUMNS if times or key != "train_seconds"]
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
     names = list(runs[0]["systems"])
+    real = "eval_exact_match" in runs[0]["systems"][names[0]]
+    held_out, count = ("eval_exact_match", "n_eval") if real else ("split_b_exact_match", "n_b")
+    columns = [(key, title) for key, title in (REAL_COLUMNS if real else COLUMNS) if times or key != "train_seconds"]
     print(f"seeds {', '.join(str(r['seed']) for r in runs)}; mean (min-max) over {len(runs)} runs\n")
     print("| system | " + " | ".join(title for _, title in columns) + " | trainable params |")
     print("| --- |" + " ---: |" * (len(columns) + 1))
@@ -35,13 +40,13 @@ def main(dirs: list[str], times: bool = True) -> None:
     majority = ""
     if "majority_baseline_b" in runs[0]:  # the synthetic demos; the real one's answers are numbers
         majority = f"majority baseline on split B: {spread([r['majority_baseline_b'] for r in runs], 3)}; "
-    print(f"\n{majority}{wall}n_b = {runs[0]['systems'][names[0]]['n_b']}")
-    if {"combined", "small_only", "large_native"} <= set(names):  # `--real`: issue 12's targets, seed by seed
+    print(f"\n{majority}{wall}{count} = {runs[0]['systems'][names[0]][count]}")
+    if {"combined", "small_sft", "large_native"} <= set(names):  # `--real`: issue 12's targets, seed by seed
         print()
         for r in runs:
-            b = {name: r["systems"][name]["split_b_exact_match"] for name in names}
+            b = {name: r["systems"][name][held_out] for name in names}
             print(f"seed {r['seed']}: " + ", ".join(f"{name} {score:.3f}" for name, score in b.items())
-                  + f"; combined - small_only = {b['combined'] - b['small_only']:+.3f}, combined / large_native = "
+                  + f"; combined - small_sft = {b['combined'] - b['small_sft']:+.3f}, combined / large_native = "
                   f"{b['combined'] / b['large_native']:.3f}" + (f"; wall {r['wall_seconds']:.0f} s" if times else ""))
     with_attributes = [n for n in names if "per_attribute_b" in runs[0]["systems"][n]]
     if with_attributes:  # `--task two-sources`: split B exact match per attribute

@@ -4,7 +4,7 @@ templates on each candidate task, with wall times.
     HF_HUB_OFFLINE=1 flock -x /tmp/llm-modules-cpu.lock python benchmarks/real_task_measure.py \
         --tasks add3 sub3 --n 60 --models qwen2.5-coder-1.5b-instruct smollm2-135m-instruct --out results.json
 
-The held-out questions are those the demo would draw (`make_split(task, n_train, n, seed)`); greedy, float32.
+The held-out questions are those the demo would draw (`builtin_task(task, n_train, n, seed)`); greedy, float32.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import time
 
 import torch
 
-from llm_modules.demo.real.systems import accuracy, load_plain, native_predictions
-from llm_modules.demo.real.task import TASKS, make_split
+from llm_modules.compare import native_predictions
+from llm_modules.compare.systems import load_plain
+from llm_modules.compare.tasks import builtin_task
+from llm_modules.demo.real.task import TASKS
 from llm_modules.fetch import fetched_model
 
 
@@ -36,10 +38,12 @@ def main() -> None:
         model, tokenizer = load_plain(fetched_model(name).plain, torch.float32)
         entry = {"load_seconds": round(time.perf_counter() - start, 1), "tasks": {}}
         for task in args.tasks:
-            _, held_out = make_split(task, args.n_train, args.n, args.seed)
+            rows = builtin_task(task, args.n_train, args.n, args.seed)
             start = time.perf_counter()
-            predictions = native_predictions(model, tokenizer, held_out, batch_size=args.batch_size, desc=f"{name} {task}")
-            entry["tasks"][task] = {"accuracy": accuracy(predictions), "seconds": round(time.perf_counter() - start, 1),
+            predictions = native_predictions(model, tokenizer, rows.eval_rows, rows, max_new_tokens=24,
+                                             batch_size=args.batch_size, progress=True, desc=f"{name} {task}")
+            accuracy = sum(p["correct"] for p in predictions) / len(predictions)
+            entry["tasks"][task] = {"accuracy": accuracy, "seconds": round(time.perf_counter() - start, 1),
                                     "wrong": [(p["question"], p["output"]) for p in predictions if not p["correct"]][:8]}
             print(name, task, entry["tasks"][task]["accuracy"], entry["tasks"][task]["seconds"], "s", flush=True)
         results["models"][name] = entry

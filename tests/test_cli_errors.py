@@ -28,6 +28,7 @@ COMMANDS = {
     "chat": ["chat", "--model", "{}"],
     "serve": ["serve", "--model", "{}"],
     "bench": ["bench", "decode", "--config", "{}"],
+    "compare": ["compare", "--large", "{}", "--small", "{small}", "--output-dir", "{out}"],
 }
 
 

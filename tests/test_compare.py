@@ -64,7 +64,9 @@ def context_for(large: str, small: str, tmp_path) -> Context:
 def test_every_system_trains_evaluates_and_is_billed(chat_pair, tmp_path, one_thread):
     systems = ("small_zero_shot", "large_native", "small_sft", "combined", "combined_random_source", "large_lora",
                "small_seqkd", "small_gold")
-    results = run_compare(tiny_settings(*chat_pair, systems), tmp_path / "out", progress=False)
+    settings = tiny_settings(*chat_pair, systems)
+    settings.options.lora_large = chat_pair[0]  # named explicitly: the tables must say LoRA's base is another model
+    results = run_compare(settings, tmp_path / "out", progress=False)
     seed = json.loads((tmp_path / "out" / "seed-0" / "results.json").read_text())
     assert list(seed["systems"]) == list(systems)
     assert seed["n_eval"] == 3 and seed["n_train"] == 8 and seed["n_validation"] == 2 and seed["seed"] == 0
@@ -96,7 +98,7 @@ def test_every_system_trains_evaluates_and_is_billed(chat_pair, tmp_path, one_th
     for name in ("results.json", "results.md", "accuracy_vs_train_seconds.png", "seed-0/results.md",
                  "seed-0/data/train.jsonl", "seed-0/data/validation.jsonl", "seed-0/data/eval.jsonl"):
         assert (tmp_path / "out" / name).is_file(), name
-    assert results["table"].count("\n| `") == len(systems)
+    assert results["table"].count("\n| `") == len(systems) and "`large_lora` adapts" in results["table"]
     assert results["systems"]["combined"]["eval_exact_match"]["per_seed"] == [rows["combined"]["eval_exact_match"]]
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from llm_modules.data import conversation_turns, encode_conversation
-from llm_modules.demo.real import RealDemoSettings, run_real_demo
-from llm_modules.demo.real.systems import RealTrainOptions, answer_token_budget, native_answer
+from llm_modules.compare import answer_token_budget
+from llm_modules.demo.real import REAL_LEARNING_RATES, default_real_settings, run_real_demo
 from llm_modules.demo.real.task import (
-    TASKS, Problem, draw_problems, first_number, make_split, native_messages, stratos_row,
+    TASKS, Problem, draw_problems, first_number, make_split, native_answer, native_messages, stratos_row,
 )
 from llm_modules.evaluation import extract_solution, is_well_formed
 from llm_modules.fetch import fetched_model
@@ -95,25 +95,43 @@ def tiny_chat_pair(tiny_dirs, tmp_path_factory):
     return dirs
 
 
-def tiny_settings(large: str, small: str) -> RealDemoSettings:
-    return RealDemoSettings(
-        n_train=8, n_eval=3, n_eval_train=2, large=large, small=small, eval_batch_size=4, max_new_tokens=6,
-        train=RealTrainOptions(epochs=1, batch_size=4, logging_steps=1,
-                               model_options={"cross_attention_heads": 4, "adapter_dim": 16, "dropout": 0.0,
-                                              "small_position_embeddings": "keep"}),
-    )
+def tiny_settings(large: str, small: str):
+    """The preset's settings, shrunk to tiny models: what `--real` does, in seconds."""
+    settings = default_real_settings(quick=True, seed=0)
+    settings.large, settings.small = large, small
+    settings.n_train, settings.n_eval, settings.n_eval_train, settings.eval_batch_size = 8, 3, 2, 4
+    settings.budget.max_epochs, settings.budget.logging_steps = 1, 1
+    settings.options.combined_options.update(cross_attention_heads=4, adapter_dim=16)
+    settings.options.native_max_new_tokens = 6
+    return settings
+
+
+def test_the_preset_is_compares_task_pair_and_systems_at_the_measured_settings():
+    quick, full = default_real_settings(True, 3), default_real_settings(False, 3)
+    for settings in (quick, full):
+        assert settings.systems == ("small_zero_shot", "large_native", "small_sft", "combined")
+        assert settings.task == "sub3" and settings.seeds == (3,) and settings.budget.seed == 3
+        assert settings.val_fraction == 0 and not settings.measure_serving
+        assert settings.learning_rates("combined") == (3e-4,) and settings.learning_rates("small_sft") == (1e-4,)
+        assert settings.options.combined_options["head_init"] == "small"
+    assert REAL_LEARNING_RATES == {"small_sft": (1e-4,), "combined": (3e-4,)}
+    assert (quick.n_train, quick.n_eval, quick.budget.max_epochs, quick.budget.batch_size) == (32, 20, 7, 4)
+    assert (full.n_train, full.n_eval, full.budget.max_epochs, full.budget.batch_size) == (64, 60, 8, 8)
+    assert quick.options.combined_options["dropout"] == 0.0 and full.options.combined_options["dropout"] == 0.1
 
 
 def test_every_system_runs_and_reports_on_tiny_models(tiny_chat_pair, tmp_path, one_thread):
     results = run_real_demo(tmp_path / "out", seed=0, settings=tiny_settings(*tiny_chat_pair))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert list(saved["systems"]) == ["small_zero_shot", "large_native", "small_only", "combined"]
+    assert list(saved["systems"]) == ["small_zero_shot", "large_native", "small_sft", "combined"]
     for name, row in saved["systems"].items():
-        assert row["n_b"] == 3 and row["n_a"] == 2
-        assert 0 <= row["split_b_exact_match"] <= 1 and 0 <= row["format_valid"] <= 1
-        assert (row["trainable_params"] > 0) == (name in ("small_only", "combined"))
+        assert row["n_eval"] == 3 and row["n_eval_train"] == 2
+        assert 0 <= row["eval_exact_match"] <= 1 and 0 <= row["format_valid"] <= 1
+        assert (row["trainable_params"] > 0) == (name in ("small_sft", "combined"))
+        assert row["decode_seconds_per_token"] is None  # the preset measures no serving cost
         assert len((tmp_path / "out" / "predictions" / f"{name}.jsonl").read_text().splitlines()) == 3
-    assert saved["feature_cache"]["feature_tokens"] > 0
+    assert saved["systems"]["combined"]["feature_tokens"] > 0 and saved["systems"]["combined"]["lr"] == 3e-4
+    assert saved["systems"]["small_sft"]["lr"] == 1e-4 and saved["n_validation"] == 0
     assert results["table"].count("\n| `") == 4
     for name in ("results.md", "accuracy.png", "loss_curves.png", "data/train.jsonl", "data/eval.jsonl",
                  "logs/combined.jsonl", "models/combined/config.json"):
@@ -121,21 +139,31 @@ def test_every_system_runs_and_reports_on_tiny_models(tiny_chat_pair, tmp_path, 
     held_out = [json.loads(line) for line in (tmp_path / "out" / "data" / "eval.jsonl").read_text().splitlines()]
     trained = [json.loads(line) for line in (tmp_path / "out" / "data" / "train.jsonl").read_text().splitlines()]
     assert not {r["conversations"][0]["value"] for r in held_out} & {r["conversations"][0]["value"] for r in trained}
+    # The same rows as the demo drew before it became a preset of compare.
+    train_problems, held_problems = make_split("sub3", 8, 3, 0)
+    assert [r["conversations"][0]["value"] for r in trained] == [p.question for p in train_problems]
+    assert [r["conversations"][0]["value"] for r in held_out] == [p.question for p in held_problems]
 
 
 def test_the_combined_model_keeps_the_frozen_model_in_float32_and_frozen(tiny_chat_pair, tmp_path, one_thread):
-    from llm_modules.demo.real import systems as S
-    from llm_modules.demo.real.task import make_split
+    from pathlib import Path
+
+    from llm_modules.compare.systems import Context, fit_combined
+    from llm_modules.compare.tasks import builtin_task, plain_row
+    from llm_modules.modeling import LLMModulesForCausalLM
 
     settings = tiny_settings(*tiny_chat_pair)
-    model = S.compose(settings.large, settings.small, settings.train)
-    before = {k: v.clone() for k, v in model.large.state_dict().items()}
-    train, _ = make_split("add3", 4, 1, seed=0)
-    trained, features = S.combined(model, train, settings.train, tmp_path / "m", tmp_path / "f", tmp_path / "log.jsonl")
-    assert all(p.dtype == torch.float32 for p in model.large.parameters())
-    assert all(torch.equal(before[k], v) for k, v in model.large.state_dict().items())
-    assert json.loads((tmp_path / "f" / "train" / "manifest.json").read_text())["dtype"] == "float16"
-    assert trained.trainable_params == model.parameter_summary()["trainable"] and features["feature_tokens"] > 0
+    rows = [plain_row(r) for r in builtin_task("add3", 4, 1, seed=0).train_rows]
+    context = Context(Path(settings.large), Path(settings.small), rows, [], settings.budget, settings.options,
+                      tmp_path / "work", tmp_path / "logs", progress=False)
+    loaded = LLMModulesForCausalLM.from_large_and_small(settings.large, settings.small, cross_attention_heads=4)
+    before = {k: v.clone() for k, v in loaded.large.state_dict().items()}
+    fit = fit_combined(context, lr=3e-4)
+    assert all(p.dtype == torch.float32 for p in fit.model.large.parameters())
+    assert all(torch.equal(before[k], v) for k, v in fit.model.large.state_dict().items())
+    manifest = next((tmp_path / "work").glob("features-combined/train/manifest.json"))
+    assert json.loads(manifest.read_text())["dtype"] == "float16"
+    assert fit.trainable_params == fit.model.parameter_summary()["trainable"] and fit.extra["feature_tokens"] > 0
 
 
 # ---- real weights --------------------------------------------------------------------------------------------------
@@ -153,7 +181,7 @@ def test_answer_budget_fits_every_held_out_answer_in_each_real_tokenizer():
             pytest.skip(f"not fetched: {name} (llm-modules fetch NAME)")
         tokenizer = AutoTokenizer.from_pretrained(model.plain)
         longest = max(len(tokenizer(stratos_row(p)["conversations"][-1]["value"])["input_ids"]) for p in held_out)
-        assert answer_token_budget(tokenizer, train) >= longest + 1  # and the end-of-sequence token
+        assert answer_token_budget(tokenizer, [stratos_row(p) for p in train]) >= longest + 1  # and the EOS token
 
 
 @pytest.mark.slow
@@ -163,9 +191,10 @@ def test_real_weights_smoke(tmp_path):
     missing = [name for name, model in found.items() if model is None]
     if missing:
         pytest.skip(f"not fetched: {', '.join(missing)} (llm-modules fetch NAME)")
-    settings = RealDemoSettings(n_train=4, n_eval=2, n_eval_train=1, eval_batch_size=2, max_new_tokens=8,
-                                train=RealTrainOptions(epochs=1, batch_size=4, logging_steps=1))
+    settings = default_real_settings(quick=True, seed=0)
+    settings.n_train, settings.n_eval, settings.n_eval_train, settings.eval_batch_size = 4, 2, 1, 2
+    settings.budget.max_epochs, settings.budget.logging_steps = 1, 1
     results = run_real_demo(tmp_path / "out", settings=settings)
-    assert set(results["systems"]) == {"small_zero_shot", "large_native", "small_only", "combined"}
+    assert set(results["systems"]) == {"small_zero_shot", "large_native", "small_sft", "combined"}
     assert results["systems"]["combined"]["trainable_params"] > 200_000_000
-    assert results["feature_cache"]["feature_tokens"] > 4 * 40
+    assert results["systems"]["combined"]["feature_tokens"] > 4 * 40

@@ -59,6 +59,7 @@ class CompareSettings:
     eval_batch_size: int | None = None  # None: every question in one batch (decode steps cost ~the same for 10 or 70)
     decode_context: int = 256
     decode_tokens: int = 16
+    measure_serving: bool = True  # False: no decode timing (`decode_seconds_per_token` None), as the demo preset
     # Presets only (`llm-modules demo --real`): a system's own learning rates instead of the shared grid. This is not
     # the fairness rule; a preset that sets it reports it.
     learning_rates_by_system: dict[str, tuple[float, ...]] = field(default_factory=dict)
@@ -75,7 +76,8 @@ class CompareSettings:
             raise ValueError("--train and --eval go together: give both files, or neither and a built-in --task")
         if not self.seeds:
             raise ValueError("no seeds: give at least one")
-        if self.val_fraction <= 0 and any(len(self.learning_rates(name)) > 1 for name in self.systems):
+        if self.val_fraction <= 0 and any(len(self.learning_rates(name)) > 1 for name in self.systems
+                                           if SYSTEMS[name].trained):
             raise ValueError("a learning-rate grid needs a validation split to choose on: set val_fraction > 0 or "
                              "give one learning rate")
 
@@ -84,16 +86,15 @@ def run_compare(settings: CompareSettings, output_dir: str | Path, progress: boo
     """Run the comparison for every seed; write the outputs (module docstring); return the summary over seeds (as
     written to `results.json`, plus "table", the Markdown table)."""
     from ..demo import no_loading_bars
-    from ..demo.real import model_dir
 
     settings.check()
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {output_dir} is a file, expected a directory (or a new path)")
-    large_dir, small_dir = model_dir(settings.large), model_dir(settings.small)
+    large_dir, small_dir = resolve_model(settings.large, "--large"), resolve_model(settings.small, "--small")
     check_tokenizers({"--large": large_dir, "--small": small_dir})
     if settings.options.lora_large:
-        settings.options.lora_large = str(model_dir(settings.options.lora_large))
+        settings.options.lora_large = str(resolve_model(settings.options.lora_large, "--lora-large"))
     per_seed = []
     with no_loading_bars():
         for seed in settings.seeds:
@@ -103,6 +104,21 @@ def run_compare(settings: CompareSettings, output_dir: str | Path, progress: boo
     from .report import write_summary
 
     return write_summary(output_dir, per_seed)
+
+
+def resolve_model(name: str, flag: str) -> Path:
+    """A local model dir, or an `llm-modules fetch` catalogue name (fetched when missing). Raises `ModelSourceError`
+    (exit code 3) in the words every command uses for a path that is not a model, or for a name that is neither."""
+    from ..fetch import catalogue, fetch, fetched_model
+    from ..sources import ModelSourceError, looks_like_path, resolve_model_source
+
+    if name in catalogue() and not Path(name).exists():
+        found = fetched_model(name)
+        return (found or fetch(name)).plain
+    resolved = resolve_model_source(name, flag)
+    if not looks_like_path(resolved) or not Path(resolved).is_dir():
+        raise ModelSourceError(f"{flag} {name}: not a model dir nor a name `llm-modules fetch --list` knows")
+    return Path(resolved)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -251,7 +267,8 @@ def run_system(name: str, settings: CompareSettings, context: Context, task: Com
         train_exact_match=sum(p["correct"] for p in a) / len(a) if a else None,
         format_valid=sum(p["well_formed"] for p in b) / len(b), n_eval=len(b), n_eval_train=len(a),
         decode_seconds_per_token=decode_seconds_per_token(model, tokenizer, context=settings.decode_context,
-                                                          new_tokens=settings.decode_tokens),
+                                                          new_tokens=settings.decode_tokens)
+        if settings.measure_serving else None,
         weights_read_per_token_bytes=weights_read_per_token(model),
         disk_bytes=disk_bytes(*shipped),
     )
@@ -359,8 +376,10 @@ def meta_model(path: Path):
 
 def result_line(name: str, row: dict) -> str:
     trained = f"trained {row['train_seconds']:.0f} s at lr {row['lr']:g}" if row.get("lr") else "not trained"
-    return (f"{name}: held-out exact match {row['eval_exact_match']:.3f}, {trained}, "
-            f"decode {row['decode_seconds_per_token'] * 1000:.0f} ms/token")
+    decode = row["decode_seconds_per_token"]
+    return (f"{name}: held-out exact match {row['eval_exact_match']:.3f} (train questions "
+            f"{row['train_exact_match'] if row['train_exact_match'] is not None else float('nan'):.3f}), {trained}"
+            + (f", decode {decode * 1000:.0f} ms/token" if decode is not None else ""))
 
 
-__all__ = ["CompareSettings", "FitBudget", "SYSTEMS", "SystemOptions", "run_compare", "run_seed"]
+__all__ = ["CompareSettings", "FitBudget", "SYSTEMS", "SystemOptions", "native_predictions", "run_compare", "run_seed"]

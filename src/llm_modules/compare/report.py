@@ -59,10 +59,14 @@ def markdown_table(rows: dict[str, list[dict[str, Any]]], header: str) -> str:
 
 
 def _header(results: dict[str, Any], seeds: list[int]) -> str:
+    lora_large = results.get("options", {}).get("lora_large")
+    lora = (f" `large_lora` adapts {Path(lora_large).parent.name if Path(lora_large).name == 'hf' else lora_large}, "
+            f"not the large model of the other systems." if "large_lora" in results["systems"] and lora_large
+            not in (None, "None") else "")
     return (f"Task: {results['task']['description']} (`{results['task']['name']}`), seeds "
             f"{', '.join(map(str, seeds))}; {results['n_eval']} held-out questions, {results['n_train']} train rows "
             f"(+{results['n_validation']} validation); {results['cpu']}, {results['torch_threads']} threads; "
-            + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".")
+            + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + "." + lora)
 
 
 def write_seed_report(output_dir: Path, results: dict[str, Any]) -> str:
@@ -121,7 +125,7 @@ def write_summary(output_dir: Path, per_seed: list[dict[str, Any]]) -> dict[str,
     seeds = [results["seed"] for results in per_seed]
     rows = {name: [r["systems"][name] for r in per_seed if name in r["systems"]] for name in first["systems"]}
     table = markdown_table(rows, _header(first, seeds))
-    summary = {"task": first["task"], "seeds": seeds, "n_eval": first["n_eval"], "cpu": first["cpu"],
+    summary = {"task": first["task"], "seeds": seeds, "options": first.get("options", {}), "n_eval": first["n_eval"], "cpu": first["cpu"],
                "versions": first["versions"], "torch_threads": first["torch_threads"], "gpu": first["gpu"],
                "wall_seconds": [r.get("wall_seconds") for r in per_seed], "systems": summarize(per_seed)}
     write_atomic(output_dir / "results.json", _json(summary))

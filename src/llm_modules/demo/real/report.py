@@ -13,7 +13,7 @@ from ..report import write_atomic
 WHAT = {
     "small_zero_shot": "SmolLM2-135M-Instruct, own chat template, untrained",
     "large_native": "Qwen2.5-Coder-1.5B-Instruct, own chat template (the ceiling)",
-    "small_only": "SmolLM2 fine-tuned on the rows (all weights)",
+    "small_sft": "SmolLM2 fine-tuned on the rows (all weights)",
     "combined": "LLM Modules: Qwen frozen, SmolLM2 + bridge trained",
 }
 
@@ -27,8 +27,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     ]
     for name, row in results["systems"].items():
         lines.append(
-            f"| `{name}` | {WHAT.get(name, name)} | {row['split_b_exact_match']:.3f} (n={row['n_b']}) "
-            f"| {row['split_a_exact_match']:.3f} (n={row['n_a']}) | {row['format_valid']:.3f} "
+            f"| `{name}` | {WHAT.get(name, name)} | {row['eval_exact_match']:.3f} (n={row['n_eval']}) "
+            f"| {row['train_exact_match']:.3f} (n={row['n_eval_train']}) | {row['format_valid']:.3f} "
             f"| {row['trainable_params']:,} | {row['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -39,8 +39,8 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.subplots()
     width = 0.38
-    for offset, key, label, alpha in ((-width / 2, "split_b_exact_match", "held-out questions", 1.0),
-                                      (width / 2, "split_a_exact_match", "train questions", 0.6)):
+    for offset, key, label, alpha in ((-width / 2, "eval_exact_match", "held-out questions", 1.0),
+                                      (width / 2, "train_exact_match", "train questions", 0.6)):
         axes.bar([i + offset for i in range(len(names))], [results["systems"][n][key] for n in names], width,
                  label=label, alpha=alpha)
     axes.set_xticks(list(range(len(names))), names, rotation=20, ha="right")
