@@ -51,6 +51,29 @@ def tiny_pair(tiny_dirs):
     return tiny_dirs["qwen2"], tiny_dirs["gpt_neo"]
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_pair(tiny_dirs, tmp_path_factory):
+    """(large, small) tiny dirs (Qwen2 and Llama, as the real pair: their tokenizers differ, 320 and 400 tokens)
+    whose tokenizers have a chat template, for the systems asked in their own template (demo --real, compare)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tiny-chat")
+    dirs = []
+    for name in ("qwen2", "llama"):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
+        tokenizer.chat_template = CHAT_TEMPLATE
+        AutoModelForCausalLM.from_pretrained(tiny_dirs[name]).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        dirs.append(str(root / name))
+    return dirs
+
+
 @pytest.fixture()
 def tiny_model(tiny_pair):
     """A freshly composed tiny Qwen2 + GPT-Neo combined model in eval mode."""

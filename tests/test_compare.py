@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from llm_modules.cli import main
 from llm_modules.compare import CompareSettings, FitBudget, SystemOptions, run_compare
@@ -18,25 +18,7 @@ from llm_modules.compare.fitting import BestEpochCallback
 from llm_modules.compare.systems import Context, fit_combined, fit_large_lora
 from llm_modules.compare.tasks import builtin_task, file_native_answer, plain_row, split_validation
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 TINY_OPTIONS = {"cross_attention_heads": 4, "adapter_dim": 16, "dropout": 0.0, "small_position_embeddings": "keep"}
-
-
-@pytest.fixture(scope="module")
-def chat_pair(tiny_dirs, tmp_path_factory):
-    """(large, small) tiny dirs whose tokenizers differ (Qwen2 320 tokens, Llama 400) and have a chat template."""
-    root = tmp_path_factory.mktemp("compare-pair")
-    dirs = []
-    for name in ("qwen2", "llama"):
-        tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
-        tokenizer.chat_template = CHAT_TEMPLATE
-        AutoModelForCausalLM.from_pretrained(tiny_dirs[name]).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        dirs.append(str(root / name))
-    return dirs
 
 
 def tiny_settings(large: str, small: str, systems: tuple[str, ...], seeds=(0,)) -> CompareSettings:
@@ -61,11 +43,11 @@ def context_for(large: str, small: str, tmp_path) -> Context:
 # ---- the harness, every system -------------------------------------------------------------------------------------
 
 
-def test_every_system_trains_evaluates_and_is_billed(chat_pair, tmp_path, one_thread):
+def test_every_system_trains_evaluates_and_is_billed(tiny_chat_pair, tmp_path, one_thread):
     systems = ("small_zero_shot", "large_native", "small_sft", "combined", "combined_random_source", "large_lora",
                "small_seqkd", "small_gold")
-    settings = tiny_settings(*chat_pair, systems)
-    settings.options.lora_large = chat_pair[0]  # named explicitly: the tables must say LoRA's base is another model
+    settings = tiny_settings(*tiny_chat_pair, systems)
+    settings.options.lora_large = tiny_chat_pair[0]  # named: the tables must say LoRA's base is another model
     results = run_compare(settings, tmp_path / "out", progress=False)
     seed = json.loads((tmp_path / "out" / "seed-0" / "results.json").read_text())
     assert list(seed["systems"]) == list(systems)
@@ -93,7 +75,7 @@ def test_every_system_trains_evaluates_and_is_billed(chat_pair, tmp_path, one_th
     # The combined model reads the large model per token besides its own weights; LoRA trains a fraction of the base.
     assert rows["combined"]["weights_read_per_token_bytes"] > rows["small_sft"]["weights_read_per_token_bytes"]
     assert rows["large_lora"]["trainable_params"] < sum(
-        p.numel() for p in AutoModelForCausalLM.from_pretrained(chat_pair[0]).parameters())
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_chat_pair[0]).parameters())
     assert rows["large_lora"]["lora_rank"] == 4
     for name in ("results.json", "results.md", "accuracy_vs_train_seconds.png", "seed-0/results.md",
                  "seed-0/data/train.jsonl", "seed-0/data/validation.jsonl", "seed-0/data/eval.jsonl"):
@@ -102,9 +84,9 @@ def test_every_system_trains_evaluates_and_is_billed(chat_pair, tmp_path, one_th
     assert results["systems"]["combined"]["eval_exact_match"]["per_seed"] == [rows["combined"]["eval_exact_match"]]
 
 
-def test_seeds_are_summarized_as_mean_min_max(chat_pair, tmp_path, one_thread):
-    results = run_compare(tiny_settings(*chat_pair, ("small_zero_shot", "small_sft"), seeds=(0, 1)), tmp_path / "out",
-                          progress=False)
+def test_seeds_are_summarized_as_mean_min_max(tiny_chat_pair, tmp_path, one_thread):
+    settings = tiny_settings(*tiny_chat_pair, ("small_zero_shot", "small_sft"), seeds=(0, 1))
+    results = run_compare(settings, tmp_path / "out", progress=False)
     summary = results["systems"]["small_sft"]["eval_exact_match"]
     per_seed = [json.loads((tmp_path / "out" / f"seed-{s}" / "results.json").read_text())["systems"]["small_sft"]
                 ["eval_exact_match"] for s in (0, 1)]
@@ -118,8 +100,8 @@ def test_seeds_are_summarized_as_mean_min_max(chat_pair, tmp_path, one_thread):
 # ---- the controls --------------------------------------------------------------------------------------------------
 
 
-def test_lora_leaves_the_base_weights_bit_identical(chat_pair, tmp_path, one_thread):
-    large, small = chat_pair
+def test_lora_leaves_the_base_weights_bit_identical(tiny_chat_pair, tmp_path, one_thread):
+    large, small = tiny_chat_pair
     fit = fit_large_lora(context_for(large, small, tmp_path), lr=1e-2)
     original = AutoModelForCausalLM.from_pretrained(large).state_dict()
     base = fit.model.get_base_model().state_dict()
@@ -135,8 +117,8 @@ def test_lora_leaves_the_base_weights_bit_identical(chat_pair, tmp_path, one_thr
     assert fit.trainable_params == sum(p.numel() for n, p in fit.model.named_parameters() if "lora_" in n)
 
 
-def test_the_random_source_control_has_random_frozen_weights(chat_pair, tmp_path, one_thread):
-    large, small = chat_pair
+def test_the_random_source_control_has_random_frozen_weights(tiny_chat_pair, tmp_path, one_thread):
+    large, small = tiny_chat_pair
     fit = fit_combined(context_for(large, small, tmp_path), lr=1e-3, random_source=True)
     pretrained = AutoModelForCausalLM.from_pretrained(large).model.state_dict()
     frozen = fit.model.large.state_dict()
@@ -192,7 +174,8 @@ def test_validation_split_is_seeded_disjoint_and_leaves_rows_to_train():
     rows = list(range(20))
     train, val = split_validation(rows, 0.125, seed=3)
     assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == rows
-    assert split_validation(rows, 0.125, seed=3) == (train, val) and split_validation(rows, 0.125, seed=4) != (train, val)
+    assert split_validation(rows, 0.125, seed=3) == (train, val)
+    assert split_validation(rows, 0.125, seed=4) != (train, val)
     assert split_validation(rows[:2], 0.9, seed=0)[0]  # one row is always left to train on
     assert split_validation(rows, 0, seed=0) == (rows, [])
 
@@ -215,11 +198,12 @@ def write_rows(path, rows):
     return str(path)
 
 
-def test_compare_runs_on_the_users_files(chat_pair, tmp_path, capsys, one_thread):
+def test_compare_runs_on_the_users_files(tiny_chat_pair, tmp_path, capsys, one_thread):
     task = builtin_task("add3", 8, 2, seed=5)
     train = write_rows(tmp_path / "train.jsonl", [plain_row(r) for r in task.train_rows])
     held = write_rows(tmp_path / "eval.jsonl", [plain_row(r) for r in task.eval_rows])
-    code = main(["compare", "--large", chat_pair[0], "--small", chat_pair[1], "--train", train, "--eval", held,
+    large, small = tiny_chat_pair
+    code = main(["compare", "--large", large, "--small", small, "--train", train, "--eval", held,
                  "--systems", "small_zero_shot", "small_sft", "--max-epochs", "1", "--batch-size", "4",
                  "--learning-rates", "1e-3", "--output-dir", str(tmp_path / "out")])
     assert code == 0
@@ -234,24 +218,25 @@ def test_compare_runs_on_the_users_files(chat_pair, tmp_path, capsys, one_thread
     (["--train", "x.jsonl"], 2, "--train and --eval go together"),
     (["--train", "missing.jsonl", "--eval", "missing.jsonl"], 3, "--train missing.jsonl: no such file"),
 ])
-def test_compare_errors_are_one_line_with_an_exit_code(chat_pair, tmp_path, capsys, extra, code, message):
-    assert main(["compare", "--large", chat_pair[0], "--small", chat_pair[1], "--output-dir", str(tmp_path / "o"),
-                 *extra]) == code
+def test_compare_errors_are_one_line_with_an_exit_code(tiny_chat_pair, tmp_path, capsys, extra, code, message):
+    large, small = tiny_chat_pair
+    assert main(["compare", "--large", large, "--small", small, "--output-dir", str(tmp_path / "o"), *extra]) == code
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_compare_names_the_bad_row_and_an_unreadable_tokenizer(chat_pair, tmp_path, capsys):
+def test_compare_names_the_bad_row_and_an_unreadable_tokenizer(tiny_chat_pair, tmp_path, capsys):
     good = {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]}
     bad = write_rows(tmp_path / "bad.jsonl", [good, {"conversations": [{"from": "user", "value": "q"}]}])
-    assert main(["compare", "--large", chat_pair[0], "--small", chat_pair[1], "--train", bad, "--eval", bad,
+    assert main(["compare", "--large", tiny_chat_pair[0], "--small", tiny_chat_pair[1], "--train", bad, "--eval", bad,
                  "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "row 2" in err and "no assistant turn" in err and len(err.splitlines()) == 1
     no_tokenizer = tmp_path / "no-tokenizer"
-    AutoModelForCausalLM.from_pretrained(chat_pair[1]).config.save_pretrained(no_tokenizer)
+    AutoModelForCausalLM.from_pretrained(tiny_chat_pair[1]).config.save_pretrained(no_tokenizer)
     capsys.readouterr()
-    assert main(["compare", "--large", chat_pair[0], "--small", str(no_tokenizer), "--output-dir",
+    assert main(["compare", "--large", tiny_chat_pair[0], "--small", str(no_tokenizer), "--output-dir",
                  str(tmp_path / "o")]) == 3
     err = capsys.readouterr().err.strip()
-    assert f"--small {no_tokenizer}: cannot read its tokenizer (no tokenizer files in it)" in err and len(err.splitlines()) == 1
+    assert f"--small {no_tokenizer}: cannot read its tokenizer (no tokenizer files in it)" in err
+    assert len(err.splitlines()) == 1

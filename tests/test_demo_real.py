@@ -17,10 +17,6 @@ from llm_modules.demo.real.task import (
 from llm_modules.evaluation import extract_solution, is_well_formed
 from llm_modules.fetch import fetched_model
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 
 
 # ---- the task -----------------------------------------------------------------------------------------------------
@@ -77,22 +73,6 @@ def test_first_number():
 
 
 # ---- the systems, wired on tiny models ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_pair(tiny_dirs, tmp_path_factory):
-    """(large, small) tiny dirs (Qwen2 and Llama, as the real pair) whose tokenizers have a chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    root = tmp_path_factory.mktemp("tiny-chat")
-    dirs = []
-    for name in ("qwen2", "llama"):
-        tokenizer = AutoTokenizer.from_pretrained(tiny_dirs[name])
-        tokenizer.chat_template = CHAT_TEMPLATE
-        AutoModelForCausalLM.from_pretrained(tiny_dirs[name]).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        dirs.append(str(root / name))
-    return dirs
 
 
 def tiny_settings(large: str, small: str):

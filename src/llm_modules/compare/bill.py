@@ -5,7 +5,8 @@
 - `train_multiply_adds`: training compute from those weight counts (Kaplan et al. 2020's approximation).
 - `PeakRSS`: this process's peak resident memory inside a block; `disk_bytes`: the bytes a user must ship.
 
-They work on plain Hugging Face causal LMs, PEFT models and `LLMModulesForCausalLM` alike; the harness (`compare/__init__.py`) writes them into each system's results row.
+They work on plain Hugging Face causal LMs, PEFT models and `LLMModulesForCausalLM` alike; the harness
+(`compare/__init__.py`) writes them into each system's results row.
 """
 
 from __future__ import annotations

@@ -125,7 +125,8 @@ def write_summary(output_dir: Path, per_seed: list[dict[str, Any]]) -> dict[str,
     seeds = [results["seed"] for results in per_seed]
     rows = {name: [r["systems"][name] for r in per_seed if name in r["systems"]] for name in first["systems"]}
     table = markdown_table(rows, _header(first, seeds))
-    summary = {"task": first["task"], "seeds": seeds, "options": first.get("options", {}), "n_eval": first["n_eval"], "cpu": first["cpu"],
+    summary = {"task": first["task"], "seeds": seeds, "options": first.get("options", {}), "n_eval": first["n_eval"],
+               "cpu": first["cpu"],
                "versions": first["versions"], "torch_threads": first["torch_threads"], "gpu": first["gpu"],
                "wall_seconds": [r.get("wall_seconds") for r in per_seed], "systems": summarize(per_seed)}
     write_atomic(output_dir / "results.json", _json(summary))

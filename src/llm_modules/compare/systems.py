@@ -141,7 +141,8 @@ def fit_trainer(model, tokenizer, train_dataset, val_dataset, budget: FitBudget,
     arguments = budget_arguments(budget, output_dir, lr, progress, **({} if evaluates else {"eval_strategy": "no"}))
     trainer = keep_logs_off_terminal(trainer_class(
         model=model, args=TrainingArguments(**arguments), train_dataset=train_dataset, eval_dataset=val_dataset,
-        data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id), callbacks=[*log_file_callbacks(log_file), best],
+        data_collator=DataCollatorForLLMModules(tokenizer.pad_token_id),
+        callbacks=[*log_file_callbacks(log_file), best],
     ))
     start = time.perf_counter()
     trainer.train()
