@@ -7,7 +7,8 @@ Trained, each through the fairness rule of `fitting.py` (one `fit(context, lr) -
 grid; the harness keeps the run with the lowest validation loss), answering in the rows' layout:
 - `small_sft`: every weight of the small model fine-tuned on the rows (transformers' `Trainer`);
 - `combined`: LLM Modules, this library's model and trainer, the frozen model's states read once through the feature
-  cache; the grid's learning rate is the small model's and head's, the bridge's is `bridge_lr_ratio` times it;
+  cache (its seconds count in the training cost); the grid's learning rate is the small model's and head's, the
+  bridge's is `bridge_lr_ratio` times it;
 - `combined_random_source`: the same with the frozen model's weights replaced by random ones of the same
   architecture (CALM's control: what the extra layers and compute give without the source's knowledge);
 - `large_lora`: PEFT LoRA adapters on every linear layer of the frozen large model (Hu et al. 2021);
@@ -209,7 +210,9 @@ def fit_combined(context: Context, lr: float, random_source: bool = False) -> Fi
     # One cache per source: every learning rate of the grid reads the same states (the manifest checks the weights).
     cached_train, cached_val = cached_datasets(context.work_dir / f"features-{name}", model, train_dataset, val_dataset,
                                                dtype=options.feature_cache_dtype)
-    feature_seconds = time.perf_counter() - start
+    # The cache is built by the grid's first run and read by the others; its cost counts in every run's seconds, as
+    # the seqkd teacher's answers do in small_seqkd's: a user training once pays it once.
+    feature_seconds = context.shared.setdefault(f"feature_seconds-{name}", time.perf_counter() - start)
     budget = context.budget
     best = BestEpochCallback(budget.patience, budget.min_delta, evaluates=cached_val is not None)
     output_dir = context.work_dir / f"{name}-lr{lr:g}"
@@ -229,7 +232,8 @@ def fit_combined(context: Context, lr: float, random_source: bool = False) -> Fi
     best.restore(model)
     model.save_pretrained(output_dir)  # `train` saved the last epoch; the best one replaces it
     summary = model.parameter_summary()
-    return Fit(model.eval(), tokenizer, lr, summary["trainable"], seconds, best.best_seconds, best.best_epoch,
+    return Fit(model.eval(), tokenizer, lr, summary["trainable"], seconds + feature_seconds,
+               best.best_seconds + feature_seconds, best.best_epoch,
                best.best_step, best.best, float(trainer.state.epoch or 0), trainer.state.log_history,
                extra={"feature_seconds": round(feature_seconds, 1), "lr_bridge": lr * options.bridge_lr_ratio,
                       "feature_tokens": int(sum(len(ids) for ids in train_dataset["input_ids"])
