@@ -240,3 +240,18 @@ def test_compare_names_the_bad_row_and_an_unreadable_tokenizer(tiny_chat_pair, t
     err = capsys.readouterr().err.strip()
     assert f"--small {no_tokenizer}: cannot read its tokenizer (no tokenizer files in it)" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_system_whose_package_is_missing_is_named_with_the_install_line(tiny_chat_pair, tmp_path, capsys,
+                                                                         monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "trl" else find_spec(name,
+                                                                                                              *args))
+    large, small = tiny_chat_pair
+    assert main(["compare", "--large", large, "--small", small, "--systems", "small_sft", "small_gold",
+                 "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "llm-modules compare: error: small_gold needs trl: pip install 'llm-modules[compare]'")
+    assert not (tmp_path / "o").exists()

@@ -41,6 +41,8 @@ Start here:
   llm-modules train --large L --small S --output-dir OUT
                                     train the bridge and the small model
   llm-modules chat --model OUT      talk to what you trained (also: generate, serve, eval)
+  llm-modules compare               should I use this? LLM Modules beside LoRA and
+                                    distillation on your pair and rows, with the bill
 
 `llm-modules COMMAND --help` shows a command's options and their defaults."""
 

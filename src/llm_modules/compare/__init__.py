@@ -16,6 +16,7 @@ over the seeds (mean, min, max) and `accuracy_vs_train_seconds.png`.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import platform
@@ -72,6 +73,10 @@ class CompareSettings:
         unknown = [name for name in self.systems if name not in SYSTEMS]
         if unknown:
             raise ValueError(f"unknown system {unknown[0]!r} (known: {', '.join(SYSTEMS)})")
+        missing = [(name, package) for name in self.systems for package in SYSTEMS[name].requires
+                   if importlib.util.find_spec(package) is None]
+        if missing:
+            raise ValueError(f"{missing[0][0]} needs {missing[0][1]}: pip install 'llm-modules[compare]'")
         if bool(self.train) != bool(self.eval):
             raise ValueError("--train and --eval go together: give both files, or neither and a built-in --task")
         if not self.seeds:

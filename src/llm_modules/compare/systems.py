@@ -89,6 +89,7 @@ class System:
     fit: Callable[[Context, float], Fit] | None = None
     which: str | None = None  # untrained: "small" or "large"
     shipped: Callable[[Context], list[Path]] = lambda context: []
+    requires: tuple[str, ...] = ()  # packages of the `compare` extra it imports
 
     @property
     def trained(self) -> bool:
@@ -333,11 +334,12 @@ register(System("combined", "LLM Modules: frozen large model -> bridge -> small 
                 shipped=lambda c: [c.large_dir]))
 register(System("combined_random_source", "LLM Modules with a random frozen model of the same architecture",
                 lambda context, lr: fit_combined(context, lr, random_source=True), shipped=lambda c: [c.large_dir]))
-register(System("large_lora", "LoRA adapters on the frozen large model (PEFT)", fit_large_lora, shipped=_large))
+register(System("large_lora", "LoRA adapters on the frozen large model (PEFT)", fit_large_lora, shipped=_large,
+                requires=("peft",)))
 register(System("small_seqkd", "the small model fine-tuned on the large model's own answers (sequence-level KD)",
                 fit_small_seqkd))
 register(System("small_gold", "cross-tokenizer logit distillation into the small model (TRL GOLD, ULD loss)",
-                fit_small_gold))
+                fit_small_gold, requires=("trl",)))
 
 DEFAULT_SYSTEMS = tuple(SYSTEMS)
 
