@@ -49,7 +49,8 @@ class Fit:
     `train_seconds`: wall seconds of the whole run (every epoch, evaluations included); `best_seconds`: wall seconds
     from the start until the end of the best epoch's evaluation; `best_epoch`/`best_step`: where it was; `val_loss`:
     the best validation loss (each system's own loss, see the module docstring); `trainable_params`: parameters the
-    optimizer updated; `extra`: system-specific facts (LoRA rank, feature cache seconds, teacher answers, ...).
+    optimizer updated; `extra`: system-specific facts (LoRA rank, feature cache seconds, teacher answers, ...);
+    `extra["shared_seconds"]`: a one-time cost counted in `train_seconds` that the grid's other runs reuse.
     """
 
     model: Any

@@ -236,7 +236,8 @@ def fit_combined(context: Context, lr: float, random_source: bool = False) -> Fi
     return Fit(model.eval(), tokenizer, lr, summary["trainable"], seconds + feature_seconds,
                best.best_seconds + feature_seconds, best.best_epoch,
                best.best_step, best.best, float(trainer.state.epoch or 0), trainer.state.log_history,
-               extra={"feature_seconds": round(feature_seconds, 1), "lr_bridge": lr * options.bridge_lr_ratio,
+               extra={"feature_seconds": round(feature_seconds, 1), "shared_seconds": feature_seconds,
+                      "lr_bridge": lr * options.bridge_lr_ratio,
                       "feature_tokens": int(sum(len(ids) for ids in train_dataset["input_ids"])
                                             + (sum(len(ids) for ids in val_dataset["input_ids"]) if val_rows else 0)),
                       "random_source": random_source, "saved": str(output_dir)})
@@ -308,8 +309,7 @@ def fit_small_seqkd(context: Context, lr: float) -> Fit:
     fit = fit_small_sft(context, lr, rows=(train_rows, val_rows), name="small_seqkd")
     fit.train_seconds += facts["teacher_seconds"]
     fit.best_seconds += facts["teacher_seconds"]
-    fit.extra.update(facts)
-    fit.extra["train_rows"] = train_rows
+    fit.extra.update(facts, shared_seconds=facts["teacher_seconds"], train_rows=train_rows)
     return fit
 
 
