@@ -297,7 +297,7 @@ def teacher_rows(context: Context) -> tuple[list[dict], list[dict], dict]:
         conversations = [*row["conversations"][:-1], {"from": "assistant", "value": text}]
         rewritten.append({**row, "conversations": conversations})
     n = len(context.train_rows)
-    facts = {"teacher_seconds": round(seconds, 1), "teacher_rows": len(rows)}
+    facts = {"teacher_seconds": seconds, "teacher_rows": len(rows)}
     context.shared["teacher_rows"] = (rewritten[:n], rewritten[n:], facts)
     return context.shared["teacher_rows"]
 
