@@ -126,7 +126,10 @@ def test_peak_rss_sees_an_allocation_freed_inside_the_block(method, monkeypatch,
         del block
     assert peak.method == method
     assert peak.peak_bytes - peak.start_bytes >= 190 * MB
-    assert psutil.Process().memory_info().rss < peak.peak_bytes - 150 * MB  # it was freed: a peak, not the end
+    # It was freed: a peak, not the end (once the allocator hands the pages back, which a long test process's glibc
+    # does only when asked).
+    bill._release_free_heap()
+    assert psutil.Process().memory_info().rss < peak.peak_bytes - 150 * MB
 
 
 def test_train_multiply_adds_on_hand_numbers():
