@@ -309,13 +309,11 @@ def reference_text(row: dict) -> str:
     return row["conversations"][-1]["value"]
 
 
-def train_tokens(fit: Fit, context: Context) -> dict[str, int]:
-    """Tokens per epoch of the rows a system trained on: in its own tokenizer, and (for systems that read the large
-    model) in the large tokenizer."""
+def train_tokens(fit: Fit, context: Context) -> int:
+    """Tokens per epoch of the rows a system trained on, in its own tokenizer."""
     rows = fit.extra.get("train_rows", context.train_rows)
-    own, _ = build_dataset(rows, fit.tokenizer, max_length=None)
-    counts = {"own": int(sum(len(ids) for ids in own["input_ids"]))}
-    return counts
+    dataset, _ = build_dataset(rows, fit.tokenizer, max_length=None)
+    return int(sum(len(ids) for ids in dataset["input_ids"]))
 
 
 def save_fit(name: str, fit: Fit, directory: Path) -> None:
@@ -323,7 +321,7 @@ def save_fit(name: str, fit: Fit, directory: Path) -> None:
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     fit.model.save_pretrained(staging)
-    if not SYSTEMS[name].name.startswith("combined"):  # the combined model saves its tokenizer itself
+    if not name.startswith("combined"):  # the combined model saves its tokenizer itself
         fit.tokenizer.save_pretrained(staging)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
@@ -331,8 +329,6 @@ def save_fit(name: str, fit: Fit, directory: Path) -> None:
 
 def load_fit(name: str, directory: Path, context: Context):
     """(model in eval mode, tokenizer) of a system saved by `save_fit`."""
-    from transformers import AutoTokenizer
-
     from ..modeling import LLMModulesForCausalLM
     from .systems import randomize_frozen_model
 
@@ -348,15 +344,14 @@ def load_fit(name: str, directory: Path, context: Context):
 
         base, tokenizer = load_plain(context.options.lora_large or context.large_dir, dtype)
         return PeftModel.from_pretrained(base, directory).eval(), tokenizer
-    model, tokenizer = load_plain(directory, dtype)
-    return model, AutoTokenizer.from_pretrained(directory) if tokenizer is None else tokenizer
+    return load_plain(directory, dtype)
 
 
-def multiply_adds(name: str, model, tokens: dict[str, int], epochs: float, teacher_dir: Path) -> int:
+def multiply_adds(name: str, model, tokens: int, epochs: float, teacher_dir: Path) -> int:
     """Training multiply-adds of a system's chosen run (`bill.train_multiply_adds`)."""
     from .bill import train_multiply_adds, weights_per_token
 
-    own = tokens["own"]
+    own = tokens
     if name.startswith("combined"):
         trained = sum(weights_per_token(part) for part in model.trained_parts())
         # The frozen model is read once per token through the feature cache.
