@@ -59,6 +59,20 @@ def render_prompt(messages: Sequence[dict[str, str]], system: str | None = None)
     return text + f"{ROLE_HEADERS['assistant']}\n\n"
 
 
+def tokenize_prompt(
+    tokenizer: PreTrainedTokenizerBase, text: str | list[str], *, templated: bool = False, **kwargs: Any
+) -> Any:
+    """`tokenizer(text, **kwargs)` under the one rule for special tokens in a prompt, kept by training, evaluation,
+    generation and serving alike: text laid out without a chat template (the training layout of `render_prompt`, a
+    completion prompt, a raw text prompt) gets the tokenizer's own special tokens (its BOS when it adds one, as
+    `tokenizer(text)` and vLLM's completions do); text a chat template rendered (`templated=True`) gets none, because
+    the template writes its own BOS (as `apply_chat_template(tokenize=True)` and vLLM's chat completions do).
+
+    Returns the tokenizer's `BatchEncoding` (`input_ids` a list, or a list per text for a list of texts).
+    """
+    return tokenizer(text, add_special_tokens=not templated, **kwargs)
+
+
 # ---- rows -> token ids and labels ------------------------------------------------------------------------------
 
 DEFAULT_DATASET = "bespokelabs/Bespoke-Stratos-17k"
@@ -213,7 +227,7 @@ def encode_conversation(row: Any, tokenizer: PreTrainedTokenizerBase, loss_on: s
             spans.append((start, start + len(turn["content"])))
         text += render_turn(turn["role"], turn["content"])
     text += f"{ROLE_HEADERS['assistant']}\n\n"  # = render_prompt(turns[:-1], system), what generation continues
-    prompt = tokenizer(text, return_offsets_mapping=True)
+    prompt = tokenize_prompt(tokenizer, text, return_offsets_mapping=True)  # a special token's offsets are empty
     answer = list(tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"])
     input_ids = list(prompt["input_ids"]) + answer
     if loss_on == "all":

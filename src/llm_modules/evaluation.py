@@ -25,6 +25,7 @@ from .data import (
     DataCollatorForLLMModules,
     conversation_turns,
     render_prompt,
+    tokenize_prompt,
 )
 from .generation import control_token_ids, decode_answer
 from .modeling import LLMModulesForCausalLM
@@ -132,10 +133,12 @@ def task_prompt_and_reference(row: Any) -> tuple[str, str]:
 def generate_texts(
     model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 256, batch_size: int = 8,
     stop_strings: Sequence[str] | None = tuple(STOP_STRINGS), desc: str = "generating", progress: bool = True,
+    templated: bool = False,
 ) -> list[str]:
     """Greedy continuations of `prompts` (left-padded batches) as answer text (`decode_answer`: without control
     tokens such as EOS and padding, with the Stratos markers even when they are special tokens), cut after the first
-    stop string. `progress=False` hides the progress bar named `desc`."""
+    stop string. `templated`: the prompts were rendered by the tokenizer's chat template (`data.tokenize_prompt`'s
+    rule for special tokens). `progress=False` hides the progress bar named `desc`."""
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -145,8 +148,9 @@ def generate_texts(
     texts: list[str] = []
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
-            batch = tokenizer(
-                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+            batch = tokenize_prompt(
+                tokenizer, list(prompts[start : start + batch_size]), templated=templated, return_tensors="pt",
+                padding=True,
             ).to(device)
             output = model.generate(
                 **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,

@@ -176,16 +176,16 @@ def chat_prompt_ids(
     `system` or the default system prompt when `messages` have none), tokenized as training tokenizes it; a plain
     causal LM with a chat template gets its template, with `system` added only when given and `messages` have none.
     """
-    from .data import render_prompt
+    from .data import render_prompt, tokenize_prompt
     from .modeling import LLMModulesForCausalLM
 
     if isinstance(model, LLMModulesForCausalLM) or not tokenizer.chat_template:
-        return tokenizer(render_prompt(messages, system=system))["input_ids"]
+        return tokenize_prompt(tokenizer, render_prompt(messages, system=system))["input_ids"]
     turns = list(messages)
     if system is not None and not any(t["role"] == "system" for t in turns):
         turns.insert(0, {"role": "system", "content": system})
     text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
+    return tokenize_prompt(tokenizer, text, templated=True)["input_ids"]
 
 
 def load_model_and_tokenizer(

@@ -290,7 +290,7 @@ def native_predictions(model, tokenizer, rows: list[dict], task: CompareTask, ma
     prompts = [tokenizer.apply_chat_template(task.native_messages(r), add_generation_prompt=True, tokenize=False)
                for r in rows]
     replies = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             stop_strings=None, desc=desc, progress=progress)
+                             stop_strings=None, desc=desc, progress=progress, templated=True)
     predictions = []
     for row, reply in zip(rows, replies):
         answer, reference = task.native_answer(reply, row), reference_answer(row)

@@ -286,7 +286,7 @@ def teacher_rows(context: Context) -> tuple[list[dict], list[dict], dict]:
     start = time.perf_counter()
     replies = generate_texts(model, tokenizer, prompts, max_new_tokens=context.options.native_max_new_tokens,
                              batch_size=len(prompts), stop_strings=None, desc="seqkd teacher answers",
-                             progress=context.progress)
+                             progress=context.progress, templated=True)
     seconds = time.perf_counter() - start
     del model
     rewritten = []
