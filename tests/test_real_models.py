@@ -171,6 +171,48 @@ def test_gguf_files_load_like_model_dirs(real_models):
     assert from_gguf.chat_template == from_dir.chat_template and from_gguf.chat_template
 
 
+def test_a_qwen2_gguf_tokenizer_normalizes_text_as_the_model_was_trained(real_models, tmp_path):
+    """transformers' GGUF conversion drops Qwen2's NFC normalizer (decomposed accents then tokenize byte by byte); the
+    reference is transformers' own Qwen2 tokenizer class, which normalizes to NFC as Qwen2's tokenizer.json does."""
+    import shutil
+    import unicodedata
+
+    from tokenizers import Tokenizer
+    from transformers import Qwen2Tokenizer
+
+    from llm_modules.fetch import CONVERSION, fetched_model, sha256_of, verify_manifest
+    from llm_modules.sources import load_tokenizer
+
+    model = real_models[LARGE]
+    reference = Qwen2Tokenizer.from_pretrained(model.plain)
+    text = unicodedata.normalize("NFD", "Crème brûlée à côté, naïve résumé")
+    expected = reference(unicodedata.normalize("NFC", text))["input_ids"]
+    assert reference(text)["input_ids"] == expected
+    assert load_tokenizer(str(model.gguf))(text)["input_ids"] == expected
+    # The plain dir's tokenizer.json, as any reader of the file (vLLM, tokenizers alone) sees it.
+    assert Tokenizer.from_file(str(model.plain / "tokenizer.json")).encode(text).ids == expected
+
+    # A dir an older fetch wrote (no normalizer, no conversion number) is brought up to date on first use.
+    old = tmp_path / LARGE
+    (old / "hf").mkdir(parents=True)
+    (old / model.gguf.name).symlink_to(model.gguf)
+    for file in model.plain.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, old / "hf" / file.name)
+    written = json.loads((old / "hf" / "tokenizer.json").read_text())
+    written["normalizer"] = None
+    (old / "hf" / "tokenizer.json").write_text(json.dumps(written))
+    manifest = json.loads((model.dir / "manifest.json").read_text())
+    manifest.pop("conversion")
+    manifest["sha256"] = {f: sha256_of(old / f) for f in [model.gguf.name] + [f"hf/{p.name}" for p in (old / "hf").iterdir()]}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert Tokenizer.from_file(str(old / "hf" / "tokenizer.json")).encode(text).ids != expected
+
+    fetched_model(LARGE, tmp_path)
+    assert Tokenizer.from_file(str(old / "hf" / "tokenizer.json")).encode(text).ids == expected
+    assert json.loads((old / "manifest.json").read_text())["conversion"] == CONVERSION and verify_manifest(old)
+
+
 def test_chat_and_serve_use_a_plain_models_chat_template(real_models, monkeypatch, capsys):
     import io
 

@@ -34,6 +34,9 @@ CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
 HOME_VARIABLE = "LLM_MODULES_HOME"
 MANIFEST = "manifest.json"
 PLAIN_DIR = "hf"
+# The version of the GGUF -> plain dir conversion, recorded in the manifest. 2: the tokenizer keeps the normalizer
+# its model was trained with (`sources.GGUF_NORMALIZERS`); a dir of an older conversion gets its tokenizer rewritten.
+CONVERSION = 2
 CHUNK = 8 << 20
 
 logger = logging.getLogger(__name__)
@@ -100,8 +103,37 @@ def fetched_model(name: str, dest: str | os.PathLike | None = None) -> FetchedMo
     manifest = root / name / MANIFEST
     if not manifest.is_file():
         return None
-    gguf = json.loads(manifest.read_text())["gguf_file"]
-    return FetchedModel(name, root / name, root / name / gguf, root / name / PLAIN_DIR, fetched=False)
+    recorded = json.loads(manifest.read_text())
+    found = FetchedModel(name, root / name, root / name / recorded["gguf_file"], root / name / PLAIN_DIR, fetched=False)
+    if recorded.get("conversion", 1) < CONVERSION:
+        update_plain_tokenizer(found, recorded)
+    return found
+
+
+def update_plain_tokenizer(model: FetchedModel, manifest: dict[str, Any]) -> None:
+    """Rewrite the tokenizer of a plain dir that an older conversion wrote (`CONVERSION`), from its GGUF file, and
+    record the new files' hashes. Each file is replaced whole and the manifest last: an interruption leaves files
+    that do not match the manifest, which the next `fetch` notices and fetches again."""
+    from .sources import load_tokenizer
+
+    logger.info(f"{model.name}: rewriting its tokenizer with the normalizer the GGUF conversion used to leave out")
+    staging = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=model.dir))
+    try:
+        load_tokenizer(str(model.gguf)).save_pretrained(staging)
+        for file in sorted(staging.iterdir()):
+            os.replace(file, model.plain / file.name)
+            manifest["sha256"][f"{PLAIN_DIR}/{file.name}"] = sha256_of(model.plain / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    manifest["conversion"] = CONVERSION
+    write_manifest(model.dir, manifest)
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    """Write `directory/manifest.json` atomically (a temporary file renamed over it)."""
+    temporary = directory / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(temporary, directory / MANIFEST)
 
 
 def verify_manifest(model_dir: Path) -> bool:
@@ -147,8 +179,8 @@ def fetch(name: str, dest: str | os.PathLike | None = None) -> FetchedModel:
                   desc=f"hashing {name}", leave=False) as bar:
             hashes = {entry.gguf_file: entry.sha256, **{f: sha256_of(work / f, bar) for f in converted}}
         manifest = {"name": name, "gguf_file": entry.gguf_file, "source": [dict(p) for p in entry.parts],
-                    "license": entry.license, "sha256": hashes}
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                    "license": entry.license, "conversion": CONVERSION, "sha256": hashes}
+        write_manifest(work, manifest)
         if target.exists():
             shutil.rmtree(target)
         os.replace(work, target)

@@ -126,6 +126,13 @@ def check_gguf_file(path: str | os.PathLike) -> str:
     return architecture
 
 
+def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the GGUF file `path` (`check_gguf_file` it first), read without the tensors."""
+    from transformers.integrations.gguf.reader import _mapped, _read_metadata
+
+    return _read_metadata(_mapped(str(path)), str(path))[0]
+
+
 def pretrained_kwargs(source: str) -> tuple[str, dict]:
     """(what to pass to `from_pretrained`, extra keyword arguments): a .gguf file becomes its folder + `gguf_file`."""
     if is_gguf(source):
@@ -167,7 +174,27 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTraine
     from transformers import AutoTokenizer
 
     name, extra = pretrained_kwargs(source)
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **extra)
+    if extra:
+        restore_gguf_normalizer(tokenizer, source)
+    return tokenizer
+
+
+# The normalizer a model's own Hugging Face tokenizer has and transformers' GGUF tokenizer conversion leaves out
+# (5.24), by the GGUF's `tokenizer.ggml.pre` (llama.cpp's name for the pre-tokenizer). Qwen2's tokenizer.json (Qwen2,
+# Qwen2.5 and their Coder models) normalizes to NFC: without it a decomposed accent tokenizes byte by byte, text the
+# model never saw in training (transformers#31630; llama.cpp's own tokenizer skips it too, llama.cpp#7476).
+GGUF_NORMALIZERS = {"qwen2": "NFC"}
+
+
+def restore_gguf_normalizer(tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> None:
+    """Give a tokenizer read from the GGUF file `path` the normalizer its model was trained with (`GGUF_NORMALIZERS`)
+    when the conversion left it out."""
+    from tokenizers import normalizers
+
+    wanted = GGUF_NORMALIZERS.get(gguf_metadata(path).get("tokenizer.ggml.pre"))
+    if wanted is not None and tokenizer.backend_tokenizer.normalizer is None:
+        tokenizer.backend_tokenizer.normalizer = getattr(normalizers, wanted)()
 
 
 def load_config(source: str, *, trust_remote_code: bool = False) -> PretrainedConfig:
