@@ -65,6 +65,19 @@ def test_a_path_that_is_not_a_model_fails_alike_in_every_command(
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_mistyped_folder_name_fails_alike_in_every_command(command, tmp_path, tiny_pair, dataset_file, capsys,
+                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-run").mkdir()
+    argv = run(command, "tiny-rnu", tmp_path, tiny_pair, dataset_file)
+    flag = argv[argv.index("tiny-rnu") - 1]
+    assert main(argv) == 3
+    assert capsys.readouterr().err.startswith(
+        f"llm-modules {command}: error: {flag} tiny-rnu: no such folder here (did you mean tiny-run?)"
+    )
+
+
 @pytest.mark.parametrize("command", ["info", "eval", "bench"])
 def test_a_config_without_a_model_type_is_not_a_model(command, tmp_path, tiny_pair, dataset_file, capsys):
     """The issue's `eval --model notamodel`: a config.json transformers cannot place is refused in the same words."""

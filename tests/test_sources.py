@@ -28,10 +28,42 @@ def write_gguf(path, architecture: str = "llama") -> None:
 
 
 def test_hub_ids_pass_and_local_paths_become_absolute(tiny_pair, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     assert resolve_model_source("Qwen/Qwen2-1.5B") == "Qwen/Qwen2-1.5B"
-    assert resolve_model_source("gpt2") == "gpt2"
     monkeypatch.chdir(tiny_pair[0].parent)
     assert resolve_model_source(tiny_pair[0].name) == str(tiny_pair[0].resolve())
+
+
+def test_a_mistyped_folder_name_is_named_before_any_hub_call(tmp_path, monkeypatch):
+    """A name without `/` that is no folder here: the closest folders, not five retries against the hub."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny-run").mkdir()
+    with pytest.raises(ModelSourceError, match=r"--model tiny-rnu: no such folder here \(did you mean tiny-run\?\)"):
+        resolve_model_source("tiny-rnu", "--model")
+    with pytest.raises(ModelSourceError, match="no such folder here; a hub model is named owner/name"):
+        resolve_model_source("gpt2", "--small")
+
+
+def test_with_the_hub_offline_an_uncached_hub_id_fails_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelSourceError, match="not in the local Hugging Face cache, and the hub is offline"):
+        resolve_model_source("nobody/no-such-model", "--large")
+
+
+def test_a_catalogue_name_is_its_fetched_dir(tmp_path, monkeypatch):
+    from llm_modules import fetch
+
+    monkeypatch.setenv(fetch.HOME_VARIABLE, str(tmp_path))
+    with pytest.raises(ModelSourceError, match="not fetched yet: run `llm-modules fetch smollm2-135m-instruct`"):
+        resolve_model_source("smollm2-135m-instruct", "--small")
+    model_dir = tmp_path / "models" / "smollm2-135m-instruct"
+    monkeypatch.setattr(fetch, "fetched_model", lambda name: fetch.FetchedModel(
+        name, model_dir, model_dir / "x.gguf", model_dir / "hf", fetched=False))
+    assert resolve_model_source("smollm2-135m-instruct", "--small") == str(model_dir / "hf")
 
 
 @pytest.mark.parametrize("name", ["./missing", "models/missing/dir", "/abs/missing", "weights.gguf", "~/nope"])
@@ -66,10 +98,15 @@ def test_gguf_files_are_checked_before_loading(tmp_path):
         check_gguf_file(tmp_path / "odd.gguf")
 
 
-def test_a_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
+def test_gguf_comes_with_the_package(tmp_path, monkeypatch):
+    """`pip install llm-modules && llm-modules fetch NAME` works: gguf is a dependency, not an extra; a broken
+    install that lacks it is told which package to install."""
+    from importlib.metadata import requires
+
+    assert any(r.startswith("gguf") and "extra" not in r for r in requires("llm-modules"))
     write_gguf(tmp_path / "good.gguf")
     monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` sees when it is not installed
-    with pytest.raises(ImportError, match=r"llm-modules\[gguf\]"):
+    with pytest.raises(ImportError, match=r"needs the gguf package: pip install 'gguf"):
         check_gguf_file(tmp_path / "good.gguf")
 
 

@@ -49,7 +49,7 @@ def resolve_model_source(name: str | os.PathLike, what: str = "model") -> str:
     """
     text = str(name)
     if not looks_like_path(text):
-        return text
+        return hub_or_catalogue_model(text, what)
     path = Path(text).expanduser()
     if not path.exists():
         raise ModelSourceError(f"{what} {text}: no such file or directory")
@@ -64,9 +64,44 @@ def resolve_model_source(name: str | os.PathLike, what: str = "model") -> str:
     return str(path.resolve())
 
 
+def hub_or_catalogue_model(name: str, what: str = "model") -> str:
+    """`name` (not a local path) checked before any hub call: a model `llm-modules fetch` fetched (its plain dir), or
+    a hub id `owner/name`, in the local cache when the hub is offline (`HF_HUB_OFFLINE=1`).
+
+    Raises `ModelSourceError` for a name without `/` that is neither a folder here nor a fetched model (with the
+    closest folders here: such a name is a mistyped folder far more often than one of the hub's few legacy ids),
+    and for a hub id missing from the cache while the hub is offline (transformers would retry, then blame the
+    connection).
+    """
+    import difflib
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if "/" not in name:
+        from .fetch import catalogue, fetched_model
+
+        if name in catalogue():
+            found = fetched_model(name)
+            if found is None:
+                raise ModelSourceError(f"{what} {name}: not fetched yet: run `llm-modules fetch {name}` first")
+            return str(found.plain)
+        folders = [p.name for p in Path.cwd().iterdir() if p.is_dir() and not p.name.startswith(".")]
+        close = difflib.get_close_matches(name, folders, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ModelSourceError(
+            f"{what} {name}: no such folder here{hint}; a hub model is named owner/name, a fetched one as "
+            f"`llm-modules fetch --list` shows"
+        )
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        raise ModelSourceError(
+            f"{what} {name}: not in the local Hugging Face cache, and the hub is offline (HF_HUB_OFFLINE=1)"
+        )
+    return name
+
+
 # ---- GGUF files as sources ---------------------------------------------------------------------------------------
 
-GGUF_EXTRA = "pip install 'llm-modules[gguf]'"
+GGUF_PACKAGE = "pip install 'gguf>=0.10,<1'"  # a dependency of ours: missing only from a broken install
 
 
 def is_gguf(source: str | os.PathLike) -> bool:
@@ -89,7 +124,7 @@ def check_gguf_file(path: str | os.PathLike) -> str:
     try:
         import gguf
     except ImportError as error:
-        raise ImportError(f"reading {path} needs the gguf package: {GGUF_EXTRA}") from error
+        raise ImportError(f"reading {path} needs the gguf package: {GGUF_PACKAGE}") from error
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     from transformers.integrations.gguf.reader import _mapped, _read_metadata, _read_tensor_table
 
