@@ -61,6 +61,25 @@ def test_help_version_and_typos_import_neither_torch_nor_transformers():
     assert codes["train --lr-brige 1"] == codes["info --jsn"] == codes["bench decode --contexts x"] == 2
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "--modle", "x"], "llm-modules generate: error: unrecognized argument --modle (did you mean --model?)"),
+    (["generate", "--temprature", "0", "--model", "x", "--prompt", "hi"],
+     "llm-modules generate: error: unrecognized argument --temprature (did you mean --temperature?)"),
+    (["bench", "decode", "--confg=x"], "llm-modules bench decode: error: unrecognized argument --confg (did you mean "
+                                       "--config?)"),
+    (["genrate"], "llm-modules: error: argument COMMAND: invalid choice: 'genrate'"),
+    (["train", "--output-dir"], "llm-modules train: error: argument --output-dir: expected one argument"),
+])
+def test_a_mistyped_flag_is_named_in_one_line_with_the_closest_one(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(expected) and err.count("\n") == 1
+    assert "usage:" not in err and f"(see `{expected.split(':')[0]} --help`)" in err
+    if argv == ["genrate"]:
+        assert "(did you mean generate?)" in err
+
+
 def test_version_names_the_package_torch_and_transformers(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
 
 
 class UsageError(Exception):
@@ -54,11 +57,41 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """The parser of `llm-modules` and of every command under it (subparsers inherit the class): defaults in --help."""
+    """The parser of `llm-modules` and of every command under it (subparsers inherit the class): defaults in --help,
+    errors in one line, and a mistyped flag named with the closest one."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """One line, as every other error of a command, instead of argparse's usage block (`--help` shows it); a
+        mistyped choice (a command name, a dtype) gets the closest one."""
+        if found := re.match(r"argument .*: invalid choice: '(.*)' \(choose from (.*)\)$", message):
+            choices = [choice.strip(" '") for choice in found.group(2).split(",")]
+            if close := difflib.get_close_matches(found.group(1), choices, n=1, cutoff=0.6):
+                message += f" (did you mean {close[0]}?)"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        # A command's own parser (no subcommands under it) names an unknown flag before argparse would: argparse
+        # first reports a required flag as missing (`--modle X` -> "--model is required"), and leaves the unknown
+        # flag to the top-level parser, whose error shows the top-level usage. Python 3.14's `suggest_on_error` only
+        # covers choices.
+        if self._subparsers is None:
+            self.check_flags(sys.argv[1:] if args is None else list(args))
+        return super().parse_known_args(args, namespace)
+
+    def check_flags(self, args: list[str]) -> None:
+        known = [name for name in self._option_string_actions if name.startswith("--")]
+        for token in args:
+            if token == "--":
+                break
+            name = token.split("=", 1)[0]
+            if not name.startswith("--") or any(option.startswith(name) for option in known):  # or an abbreviation
+                continue
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            self.error(f"unrecognized argument {name}" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def add_large_model_argument(parser: argparse.ArgumentParser) -> None:
