@@ -80,6 +80,16 @@ def test_a_mistyped_flag_is_named_in_one_line_with_the_closest_one(argv, expecte
         assert "(did you mean generate?)" in err
 
 
+def test_every_command_describes_itself_and_info_names_gguf_files(capsys):
+    for command in ("smoke-test", "info", "fetch", "compare", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        description = text.split("\n\n")[1]
+        assert not description.startswith("options:"), f"{command} --help has no description"
+    assert ".gguf file" in help_text(["info"], capsys)
+
+
 def test_version_names_the_package_torch_and_transformers(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])

@@ -62,6 +62,15 @@ def test_fetch_assembles_checks_and_a_second_fetch_does_nothing(fake_index, tmp_
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["fake-model"]
 
 
+def test_a_second_fetch_from_the_command_line_says_so_once(fake_index, tmp_path, capsys):
+    dest = str(tmp_path / "models")
+    assert main(["fetch", "fake-model", "--dest", dest]) == 0
+    capsys.readouterr()
+    assert main(["fetch", "fake-model", "--dest", dest]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("fake-model: already there, hashes match\n") and "already" not in captured.err
+
+
 def test_a_damaged_fetched_file_is_fetched_again(fake_index, tmp_path):
     model = F.fetch("fake-model", tmp_path / "models")
     model.gguf.write_bytes(b"GGUF damaged")

@@ -160,7 +160,7 @@ def fetch(name: str, dest: str | os.PathLike | None = None) -> FetchedModel:
     target = root / name
     if target.exists():
         if verify_manifest(target):
-            logger.info(f"{name}: already fetched, hashes match ({target})")
+            logger.debug(f"{name}: already fetched, hashes match ({target})")  # callers say it in their words
             found = fetched_model(name, root)
             return FetchedModel(found.name, found.dir, found.gguf, found.plain, fetched=False)
         logger.warning(f"{name}: {target} is incomplete or does not match its manifest; fetching it again")

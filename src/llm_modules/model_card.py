@@ -87,13 +87,13 @@ Settings:
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.data import render_prompt
 
-model = LLMModulesForCausalLM.from_pretrained("{Path(options.output_dir).name}")  # or this repo id
+model = LLMModulesForCausalLM.from_pretrained("{Path(options.output_dir).resolve()}")  # or this repo id
 prompt = render_prompt([{{"role": "user", "content": "What is 2 + 3?"}}])
 inputs = model.tokenizer(prompt, return_tensors="pt")
 print(model.tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0]))
 ```
 
-or `llm-modules generate --model DIR --prompt "What is 2 + 3?"`.
+or `llm-modules generate --model {Path(options.output_dir).resolve()} --prompt "What is 2 + 3?"`.
 """
     path = Path(output_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
