@@ -1,8 +1,8 @@
 """`llm-modules demo --real` (issue 12): knowledge transfer on real weights, a preset of `llm-modules compare`.
 
 Qwen2.5-Coder-1.5B-Instruct frozen, SmolLM2-135M-Instruct trained (both from `llm-modules fetch`), on generated
-arithmetic chosen by measurement (`llm-modules compare --systems small_zero_shot large_native`): the large model answers it natively, the small
-one does not. The preset is compare's task, pair and four systems (`small_zero_shot`, `large_native`, `small_sft`,
+arithmetic chosen by measurement (`llm-modules compare --systems small_zero_shot large_native`): the large model
+answers it natively, the small one does not. The preset is compare's task, pair and four systems (`small_zero_shot`, `large_native`, `small_sft`,
 `combined`) with the settings the demo was measured with: no validation split, each trained system at the learning
 rate measured for it (`REAL_LEARNING_RATES`), every epoch run; the serving columns of compare's bill are not measured
 (`measure_serving=False`). Outputs as compare's seed dir (results.json with `systems.NAME.eval_exact_match` on held-out
