@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -88,6 +89,16 @@ def test_every_command_describes_itself_and_info_names_gguf_files(capsys):
         description = text.split("\n\n")[1]
         assert not description.startswith("options:"), f"{command} --help has no description"
     assert ".gguf file" in help_text(["info"], capsys)
+
+
+def test_no_progress_bar_redraws_when_stderr_is_not_a_terminal(tmp_path):
+    """A log file keeps every redraw of a bar (a quick demo wrote 124 KB of them): lines only."""
+    result = subprocess.run(
+        [sys.executable, "-m", "llm_modules.cli", "smoke-test", "--steps", "2", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "it/s]" not in result.stderr
 
 
 def test_version_names_the_package_torch_and_transformers(capsys):

@@ -147,7 +147,8 @@ def generate_texts(
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     texts: list[str] = []
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False,
+                          disable=not progress or None):  # None: tqdm's "no bar on a non-terminal"
             batch = tokenize_prompt(
                 tokenizer, list(prompts[start : start + batch_size]), templated=templated, return_tensors="pt",
                 padding=True,

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import difflib
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -137,7 +138,14 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 @contextlib.contextmanager
 def library_messages() -> Iterator[None]:
     """While a command runs, this library's messages (INFO and up: data reports, "loading the best model", the demo's
-    phase results) go to stderr as plain lines, written above any progress bar instead of glued onto it."""
+    phase results) go to stderr as plain lines, written above any progress bar instead of glued onto it.
+
+    When stderr is not a terminal (a log file, CI) there are no progress bars, only those lines: a bar redraws itself
+    in place, which a file keeps as every redraw. tqdm, huggingface_hub (whose switch transformers follows) and
+    datasets read these variables when first imported, which a command's work does after this point."""
+    if not sys.stderr.isatty():
+        for variable in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+            os.environ.setdefault(variable, "1")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     logger = logging.getLogger("llm_modules")
