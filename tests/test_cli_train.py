@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from llm_modules import LLMModulesForCausalLM
-from llm_modules.cli import main
+from llm_modules.cli import UsageError, main
 
 from test_training import stratos_rows
 
@@ -185,6 +186,35 @@ def test_generate_on_a_missing_dir_and_on_a_plain_model(trained_dir, tiny_pair, 
     argv = ["generate", "--model", str(tiny_pair[0]), "--prompt", "x", "--max-new-tokens", "3", "--no-stream"]
     assert main(argv) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_a_trained_model_keeps_its_system_prompt_and_answers_in_it_by_default(tiny_pair, tmp_path, capsys,
+                                                                                chat_prompts):
+    """The demo's model answered nothing: generate used the Bespoke-Stratos system prompt, not the one it learned."""
+    rows = [{**row, "system": "Answer briefly."} for row in stratos_rows(8)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(train_argv(tiny_pair, data, tmp_path / "out", "--max-steps", "2", "--val-split", "0")) == 0
+    assert LLMModulesForCausalLM.from_pretrained(tmp_path / "out").config.system_prompt == "Answer briefly."
+    assert "system=model.config.system_prompt" in (tmp_path / "out" / "README.md").read_text()
+    for extra in ([], ["--system", "Be long."]):
+        assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", "1 + 1?", "--max-new-tokens", "2",
+                     "--temperature", "0", *extra]) == 0
+    assert chat_prompts[0].startswith("System:\n\nAnswer briefly.") and "Be long." in chat_prompts[1]
+    assert "Bespoke" not in "".join(chat_prompts)
+
+
+def test_an_answer_left_no_room_by_its_prompt_is_an_error_not_a_blank_line(capsys):
+    from llm_modules.cli.generate import DEFAULT_MAX_NEW_TOKENS, check_empty_answer
+
+    class Model:
+        config = type("Config", (), {"max_position_embeddings": 512})()
+
+    args = argparse.Namespace(max_new_tokens=None)
+    with pytest.raises(UsageError, match="the prompt is 485 tokens and left 27 of the model's 512 positions"):
+        check_empty_answer(Model(), 485, 27, 27, args)
+    check_empty_answer(Model(), 20, 1, DEFAULT_MAX_NEW_TOKENS, args)  # ended at once: said, not an error
+    assert "the model's answer is empty" in capsys.readouterr().err
 
 
 def test_chat_keeps_history_resets_and_exits(trained_dir, monkeypatch, capsys, chat_prompts):

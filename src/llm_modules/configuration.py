@@ -85,6 +85,9 @@ class LLMModulesConfig(PreTrainedConfig):
             has starts as the small model's output embedding of that token (`head_init.init_head_from_small`), the
             rest random, so the small model's own next-token knowledge is read out from the first step. Needs
             `small_init="pretrained"`.
+        system_prompt (`str`, *optional*): the system prompt every training row shared (set by training; None when
+            rows differed). Generation, chat and the server use it when a conversation has no system message and no
+            `--system` is given, so a model answers in the layout it learned by default.
     """
 
     model_type = "llm_modules"
@@ -117,6 +120,7 @@ class LLMModulesConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    system_prompt: str | None = None
 
     def __post_init__(self, **kwargs):
         # The base class sets `attn_implementation` (None when not given) on every sub-config; a loaded model shares

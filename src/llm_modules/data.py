@@ -125,6 +125,7 @@ class DataReport:
     seed: int | None = None  # of the subset and the split
     train: int = 0
     validation: int = 0
+    system_prompt: str | None = None  # the system prompt of every example kept; None when they differ
 
     @property
     def valid(self) -> int:
@@ -268,15 +269,18 @@ def _examples(
     `report`. Raises `EmptyDatasetError` when nothing is left."""
     report.drawn = len(positions)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    systems = set()
     for position in positions:
         example = encode_conversation(rows[position], tokenizer, report.loss_on)
         if report.max_length is not None and len(example["input_ids"]) > report.max_length:
             report.too_long += 1
             continue
+        systems.add(conversation_turns(rows[position])[0])
         for key in columns:
             columns[key].append(example[key])
     if report.kept == 0:
         raise EmptyDatasetError(f"no usable examples: {report.summary()}")
+    report.system_prompt = systems.pop() if len(systems) == 1 else None
     return datasets.Dataset.from_dict(columns)
 
 

@@ -173,13 +173,16 @@ def chat_prompt_ids(
     """Token ids a model continues for a chat (`messages` are `{"role", "content"}`).
 
     A combined model (or a tokenizer without a chat template) gets the training layout (`data.render_prompt`, with
-    `system` or the default system prompt when `messages` have none), tokenized as training tokenizes it; a plain
+    `system`, else the system prompt the model was trained with (`config.system_prompt`), else the default system
+    prompt, when `messages` have none), tokenized as training tokenizes it; a plain
     causal LM with a chat template gets its template, with `system` added only when given and `messages` have none.
     """
     from .data import render_prompt, tokenize_prompt
     from .modeling import LLMModulesForCausalLM
 
     if isinstance(model, LLMModulesForCausalLM) or not tokenizer.chat_template:
+        if system is None:  # the system prompt it was trained with, else render_prompt's default
+            system = getattr(model.config, "system_prompt", None)
         return tokenize_prompt(tokenizer, render_prompt(messages, system=system))["input_ids"]
     turns = list(messages)
     if system is not None and not any(t["role"] == "system" for t in turns):

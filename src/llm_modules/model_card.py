@@ -88,7 +88,7 @@ from llm_modules import LLMModulesForCausalLM
 from llm_modules.data import render_prompt
 
 model = LLMModulesForCausalLM.from_pretrained("{Path(options.output_dir).resolve()}")  # or this repo id
-prompt = render_prompt([{{"role": "user", "content": "What is 2 + 3?"}}])
+prompt = render_prompt([{{"role": "user", "content": "What is 2 + 3?"}}], system=model.config.system_prompt)
 inputs = model.tokenizer(prompt, return_tensors="pt")
 print(model.tokenizer.decode(model.generate(**inputs, max_new_tokens=256)[0]))
 ```

@@ -446,6 +446,8 @@ def train(
     run would write into another run's checkpoints.
     """
     output_dir = Path(options.output_dir)
+    if isinstance(data, DataReport) and data.system_prompt is not None:
+        model.config.system_prompt = data.system_prompt  # saved with the model: its default when asked
     checkpoint = None
     if options.resume:
         checkpoint = checkpoint_to_resume(output_dir)

@@ -17,7 +17,8 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                         "a .gguf file (its chats use its chat template)")
     add_large_model_argument(parser)
     add_frozen_precision_arguments(parser)
-    parser.add_argument("--system", help="system prompt (default: the Bespoke-Stratos one)")
+    parser.add_argument("--system", help="system prompt (default: the one the model was trained with when all its "
+                        "rows shared one, else the Bespoke-Stratos one)")
     parser.add_argument(
         "--max-new-tokens", type=int_at_least(1),
         help=f"most tokens to answer with (default: what the context leaves, at most {DEFAULT_MAX_NEW_TOKENS}); "
@@ -155,4 +156,23 @@ def generate_reply(model, tokenizer, prompt_ids: list[int], args: argparse.Names
         tokenizer=tokenizer,
         **sampling,
     )
-    return decode_answer(tokenizer, output[0, prompt_tokens:], control_ids)
+    answer = decode_answer(tokenizer, output[0, prompt_tokens:], control_ids)
+    if not answer.strip():
+        check_empty_answer(model, prompt_tokens, output.shape[1] - prompt_tokens, max_new_tokens, args)
+    return answer
+
+
+def check_empty_answer(model, prompt_tokens: int, new_tokens: int, max_new_tokens: int,
+                       args: argparse.Namespace) -> None:
+    """Say why an answer is empty instead of printing a blank line: raise UsageError (exit code 2) when the prompt
+    left the answer too few of the model's positions and they ran out before any text; else note on stderr that the
+    model ended its answer at once."""
+    from ..generation import context_length
+
+    if new_tokens >= max_new_tokens and args.max_new_tokens is None and max_new_tokens < DEFAULT_MAX_NEW_TOKENS:
+        raise UsageError(
+            f"the prompt is {prompt_tokens} tokens and left {max_new_tokens} of the model's {context_length(model)} "
+            "positions for the answer, which ran out before any text: shorten the prompt or the system prompt "
+            "(--system)"
+        )
+    print("(the model's answer is empty: it ended it at once)", file=sys.stderr)

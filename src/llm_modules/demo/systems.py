@@ -20,6 +20,7 @@ from ..feature_cache import cached_datasets
 from ..modeling import LLMModulesForCausalLM
 from ..training import TrainingOptions, train
 from ..training_log import keep_logs_off_terminal, log_file_callbacks
+from .world import TASK_SYSTEM_PROMPT
 
 
 @dataclass
@@ -186,6 +187,8 @@ def combined(
         dropout=options.bridge_dropout, causal_cross_attention=causal,
         small_position_embeddings=options.small_position_embeddings, **model_options,
     )
+    # Every task row has this system prompt: the saved model answers in its layout by default (`generate`, `serve`).
+    model.config.system_prompt = TASK_SYSTEM_PROMPT
     training = TrainingOptions(
         output_dir=str(output_dir), epochs=options.epochs, batch_size=options.batch_size, seed=options.seed,
         lr_bridge=options.lr_bridge, lr_small=options.lr_small, weight_decay=options.weight_decay, warmup=0.05,
