@@ -7,8 +7,9 @@ model you already have.
 
 What we add to the Trainer, and why:
 - two AdamW learning rates (bridge 1e-4, small model and head 5e-5, as in the paper); the frozen model is in no group;
-- checkpoints hold only the trained weights (the model's `save_pretrained`), load back strictly, and count as
-  complete only once a marker file is written last, so a crash mid-save never leaves a checkpoint we resume from;
+- checkpoints hold only the trained weights (the model's `save_pretrained`), load back strictly, and are written
+  into a staging dir (`.partial-checkpoints/checkpoint-N`) that is renamed to `checkpoint-N` once whole and marked,
+  so a crash mid-save leaves no `checkpoint-N` at all, let alone one we resume from;
 - a step whose loss is not finite is skipped (its gradients are dropped) and counted; 10 in a row stop the run;
 - the model's loss takes the Trainer's `num_items_in_batch` (labelled tokens of the accumulated, global batch), so
   gradient accumulation and data parallelism give the same update as one big batch; a plain `Trainer` gets the same.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.training_args import ParallelMode
 
 from .checkpoints import WEIGHTS_NAME
 from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, prepare_datasets, resolve_dataset_source
@@ -40,6 +42,11 @@ from .sources import ModelSourceError, check_same_vocabulary, load_config, resol
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+# Where a checkpoint is written before it is renamed to OUTPUT/checkpoint-N. A dir of its own (not a sibling
+# `tmp-checkpoint-N`) so the Trainer writes `checkpoint-N` under it unchanged, keeping the name that its hub push and
+# its best-checkpoint bookkeeping use.
+STAGING_DIR = ".partial-checkpoints"
+TRAINER_STATE_NAME = "trainer_state.json"
 OPTIONS_NAME = "training_options.json"
 # Options that decide which examples are trained on, in which order: a resumed run must not change them.
 DATA_OPTIONS = ("large", "small", "dataset", "max_length", "subset", "val_split", "seed", "loss_on", "batch_size", "grad_accum")
@@ -179,10 +186,40 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint dirs without a completion marker: left by a crash during a save."""
+    """Saves that never finished: staged checkpoints (a crash during a save) and, from versions that wrote in place,
+    checkpoint dirs without a completion marker."""
     root = Path(output_dir)
     complete = set(complete_checkpoints(root))
-    return [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p not in complete]
+    staged = sorted((root / STAGING_DIR).glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    return [*staged, *(p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p not in complete)]
+
+
+def fsync_tree(directory: Path) -> None:
+    """Every file under `directory` on disk, so that a rename published after it never names lost data."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def publish_checkpoint(staged: Path, final: Path) -> None:
+    """Rename the whole checkpoint `staged` to `final` (same filesystem: one atomic rename). A `final` already there
+    (a leftover of this step) is moved aside first and removed after, so `final` never holds a mix of two saves."""
+    stale = staged.with_name(staged.name + ".stale")
+    if final.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+    os.replace(staged, final)
+    descriptor = os.open(final.parent, os.O_RDONLY)  # the rename itself on disk
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    shutil.rmtree(stale, ignore_errors=True)
+    try:
+        staged.parent.rmdir()  # the staging dir, once empty
+    except OSError:
+        pass
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -280,17 +317,43 @@ class LLMModulesTrainer(Trainer):
 
     # -- checkpoints: trained weights only, complete when marked --
 
+    # transformers 5.24 writes checkpoint-N in place (4.36 staged it in tmp-checkpoint-N and renamed it, then dropped
+    # that); we stage as 4.36 did: the Trainer saves under STAGING_DIR (`_get_output_dir` points there during the
+    # save), and the whole dir is renamed to checkpoint-N once written, synced and marked.
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_staging", False) else run_dir
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial))
+        staged, final = run_dir / STAGING_DIR / name, run_dir / name
+        if self.args.should_save and staged.exists():
+            shutil.rmtree(staged)  # a save of this step that was cut off
+        self._staging, self._deferred_push = True, False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)  # the Trainer recorded where it wrote
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            self.accelerator.wait_for_everyone()  # every process's part written (FSDP, DeepSpeed) before the rename
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))  # again, with the best checkpoint's final path
+            fsync_tree(staged)
+            write_atomic(staged / COMPLETE_MARKER, json.dumps({"step": self.state.global_step}) + "\n")
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(str(run_dir), self.checkpoint_limit, self.state.best_model_checkpoint)
+        if self._deferred_push:
+            super()._push_from_checkpoint(str(final))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if getattr(self, "_staging", False):
+            self._deferred_push = True  # its upload runs in the background: push the dir under its final name
             return
-        directory = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        for path in directory.rglob("*"):  # on disk before the marker says so, even if the machine dies
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        write_atomic(directory / COMPLETE_MARKER, json.dumps({"step": self.state.global_step}) + "\n")
-        rotate_checkpoints(self._get_output_dir(trial), self.checkpoint_limit, self.state.best_model_checkpoint)
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _trained_model(self) -> LLMModulesForCausalLM:
         return self.accelerator.unwrap_model(self.model)
@@ -411,11 +474,14 @@ def build_trainer(
     ))
 
 
-def checkpoint_to_resume(output_dir: str | os.PathLike) -> Path:
-    """The newest complete checkpoint; incomplete ones (a crash mid-save) are never used."""
+def checkpoint_to_resume(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (a crash mid-save) are never used. None, with one warning
+    line, when there is none: a run killed during its first save then simply starts again (transformers'
+    `resume_from_checkpoint=True` raises there instead, which left deleting the dir by hand as the only way on)."""
     found = complete_checkpoints(output_dir)
     if not found:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {output_dir}")
+        logger.warning(f"--resume: no complete checkpoint in {output_dir}: starting from step 0")
+        return None
     return found[-1]
 
 
@@ -460,6 +526,7 @@ def train(
         for leftover in incomplete_checkpoints(output_dir):
             logger.warning(f"removing {leftover}: its save never finished")
             shutil.rmtree(leftover)
+        shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)  # what is left there is no save of ours
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir))
     metrics = trainer.evaluate() if eval_dataset is not None else {}
