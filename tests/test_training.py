@@ -19,6 +19,7 @@ from llm_modules.data import prepare_datasets
 from llm_modules.model_card import write_model_card
 from llm_modules.training import (
     COMPLETE_MARKER,
+    ConflictingOptionsError,
     NonFiniteLossError,
     TrainingOptions,
     check_resume_options,
@@ -271,9 +272,34 @@ def test_resume_refuses_other_data_options(tmp_path):
     saved = options(tmp_path)
     Path(saved.output_dir).mkdir(parents=True)
     (Path(saved.output_dir) / "training_options.json").write_text(json.dumps(saved.to_dict()))
-    check_resume_options(options(tmp_path, resume=True, epochs=3))  # not a data option
-    with pytest.raises(ValueError, match=r"seed \(42 -> 7\)"):
+    check_resume_options(options(tmp_path, resume=True, epochs=3))  # with max_steps set, epochs change nothing
+    check_resume_options(options(tmp_path, resume=True, logging_steps=5, trainer_args={"disable_tqdm": False}))
+    with pytest.raises(ConflictingOptionsError, match=r"seed \(--seed\): saved 42, now 7"):
         check_resume_options(options(tmp_path, resume=True, seed=7))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        # One setting, whichever way it is given: an option (a flag) or a TrainingArguments field (transformers#21271).
+        ({"batch_size": 1}, "per_device_train_batch_size (--batch-size): saved 2, now 1"),
+        ({"trainer_args": {"per_device_train_batch_size": 1}}, "per_device_train_batch_size (--batch-size): saved 2, now 1"),
+        ({"trainer_args": {"gradient_accumulation_steps": 4}}, "gradient_accumulation_steps (--grad-accum): saved 1, now 4"),
+        ({"lr_scheduler": "linear"}, "lr_scheduler_type (lr_scheduler): saved 'constant_with_warmup', now 'linear'"),
+        ({"max_steps": 8}, "max_steps (--max-steps): saved 4, now 8"),
+        ({"lr_bridge": 1e-3}, "lr_bridge (--lr-bridge): saved 0.003, now 0.001"),
+        ({"trainer_args": {"adam_beta2": 0.95}}, "adam_beta2: saved 0.999, now 0.95"),
+        ({"subset": 0.5}, "subset (--subset): saved 1.0, now 0.5"),
+    ],
+)
+def test_resume_refuses_any_setting_that_changes_the_run_however_it_is_given(tmp_path, change, named):
+    saved = options(tmp_path)
+    Path(saved.output_dir).mkdir(parents=True)
+    (Path(saved.output_dir) / "training_options.json").write_text(json.dumps(saved.to_dict(), default=str))
+    with pytest.raises(ConflictingOptionsError) as refused:
+        check_resume_options(options(tmp_path, resume=True, **change))
+    message = str(refused.value)
+    assert named in message and "\n" not in message and message.startswith(f"--resume: the run in {saved.output_dir}")
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:

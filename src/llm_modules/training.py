@@ -48,8 +48,25 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 STAGING_DIR = ".partial-checkpoints"
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIONS_NAME = "training_options.json"
-# Options that decide which examples are trained on, in which order: a resumed run must not change them.
-DATA_OPTIONS = ("large", "small", "dataset", "max_length", "subset", "val_split", "seed", "loss_on", "batch_size", "grad_accum")
+# What a resumed run must not change, compared as the run takes it (so a batch size is one setting whether it came
+# from --batch-size, a config file's batch_size or trainer_args' per_device_train_batch_size): the TrainingArguments
+# fields that change the updates, the schedule, the data order or the numerics, with the flag or option that sets
+# them; then our options that no TrainingArguments field carries.
+RUN_ARGUMENTS = {
+    "per_device_train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
+    "num_train_epochs": "--epochs", "max_steps": "--max-steps", "lr_scheduler_type": "lr_scheduler",
+    "lr_scheduler_kwargs": None, "warmup_steps": "--warmup", "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "optim": None, "optim_args": None, "adam_beta1": None, "adam_beta2": None,
+    "adam_epsilon": None, "seed": "--seed", "data_seed": None, "full_determinism": None, "bf16": "--precision",
+    "fp16": "--precision", "train_sampling_strategy": None, "dataloader_drop_last": None,
+    "label_smoothing_factor": None, "neftune_noise_alpha": None, "average_tokens_across_devices": None,
+}
+RUN_OPTIONS = {
+    "large": "--large", "small": "--small", "small_init": "--small-init", "model_options": None,
+    "large_dtype": None, "dataset": "--dataset", "dataset_split": None, "dataset_revision": None,
+    "max_length": "--max-length", "subset": "--subset", "val_split": "--val-split", "loss_on": "--loss-on",
+    "lr_bridge": "--lr-bridge", "lr_small": "--lr-small",
+}
 # Options only `prepare_datasets` reads: the model card takes them from the data's `DataReport`, not from the options.
 DATA_PREPARATION = ("dataset", "dataset_split", "dataset_revision", "max_length", "subset", "val_split", "loss_on", "strict")
 
@@ -569,15 +586,44 @@ def load_model_for_training(options: TrainingOptions) -> LLMModulesForCausalLM:
         raise OSError(f"cannot load --large {options.large} / --small {options.small}: {error}") from error
 
 
+def run_settings(options: TrainingOptions) -> dict[str, tuple[Any, str | None]]:
+    """{setting: (value, the flag or option that sets it)} of every setting in `RUN_ARGUMENTS` and `RUN_OPTIONS`, as
+    the run takes them (`trainer_args` applied). Epochs are left out when max_steps is set: they change nothing."""
+    args = training_arguments(options, has_eval=options.val_split > 0)
+    settings: dict[str, tuple[Any, str | None]] = {}
+    for name, flag in RUN_ARGUMENTS.items():
+        if hasattr(args, name) and not (name == "num_train_epochs" and args.max_steps > 0):
+            value = getattr(args, name)
+            settings[name] = (getattr(value, "value", value), flag)  # enums (scheduler, optimizer) as their text
+    settings.update({name: (getattr(options, name), flag) for name, flag in RUN_OPTIONS.items()})
+    return settings
+
+
 def check_resume_options(options: TrainingOptions) -> None:
-    """A resumed run must use the data options it started with, or it would train on other examples."""
+    """A resumed run must use the settings it started with (`RUN_ARGUMENTS`, `RUN_OPTIONS`), however they are given:
+    other ones would train on other examples, or with another update, than its checkpoint's optimizer and schedule.
+    transformers only warns about a few (`compare_trainer_and_checkpoint_args`: batch size, logging, eval and save
+    steps) and resumes with the checkpoint's batch size in its state (transformers#21271); we refuse, with
+    `ConflictingOptionsError` (bad input, exit code 2) naming each setting, saved and now, on one line."""
     saved_path = Path(options.output_dir) / OPTIONS_NAME
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
-    changed = [f"{k} ({saved.get(k)!r} -> {getattr(options, k)!r})" for k in DATA_OPTIONS if saved.get(k) != getattr(options, k)]
+    values = json.loads(saved_path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainingOptions)}
+    # Compared from where the run is now: a different output dir or resume flag is no other run.
+    saved = TrainingOptions(**{**{k: v for k, v in values.items() if k in known},
+                               "output_dir": options.output_dir, "resume": options.resume})
+    before, now = run_settings(saved), run_settings(options)
+    changed = [
+        f"{name}{f' ({flag})' if flag else ''}: saved {before[name][0]!r}, now {value!r}"
+        for name, (value, flag) in now.items()
+        if name in before and before[name][0] != value
+    ]
     if changed:
-        raise ValueError(f"--resume with other data options than the run in {options.output_dir}: " + ", ".join(changed))
+        raise ConflictingOptionsError(
+            f"--resume: the run in {options.output_dir} was started with other settings: " + "; ".join(changed)
+            + " (resume with the run's settings, or train into another --output-dir)"
+        )
 
 
 def fit_max_length_to_positions(options: TrainingOptions) -> TrainingOptions:
@@ -626,7 +672,7 @@ def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | No
         dataset=resolve_dataset_source(options.dataset, "--dataset"),
     )
     options = fit_max_length_to_positions(options)
-    if options.resume:
+    if options.resume and complete_checkpoints(options.output_dir):  # with none, the run starts again from step 0
         check_resume_options(options)
     else:
         refuse_to_mix_runs(options.output_dir)
