@@ -263,6 +263,8 @@ class LLMModulesTrainer(Trainer):
     """`Trainer` for `LLMModulesForCausalLM`: two learning rates, trained-only checkpoints marked complete when whole,
     token-weighted loss across accumulation and processes, non-finite steps skipped. See the module docstring."""
 
+    _staging = _deferred_push = False  # during a checkpoint's save: see _save_checkpoint
+
     def __init__(self, *args: Any, lr_bridge: float = 1e-4, lr_small: float = 5e-5, max_nonfinite_steps: int = 10,
                  save_total_limit: int | None = None, model_card: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -334,13 +336,14 @@ class LLMModulesTrainer(Trainer):
 
     # -- checkpoints: trained weights only, complete when marked --
 
-    # transformers 5.24 writes checkpoint-N in place (4.36 staged it in tmp-checkpoint-N and renamed it, then dropped
-    # that); we stage as 4.36 did: the Trainer saves under STAGING_DIR (`_get_output_dir` points there during the
-    # save), and the whole dir is renamed to checkpoint-N once written, synced and marked.
+    # transformers 5.24 writes checkpoint-N in place; 4.36-4.38 staged it in tmp-checkpoint-N renamed when whole
+    # (transformers#28364), dropped after trouble on several nodes. We stage as they did: the Trainer saves under
+    # STAGING_DIR (`_get_output_dir` points there during the save), every process waits for the others, and the main
+    # one renames the whole dir to checkpoint-N once written, synced and marked (one filesystem shared by all nodes).
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING_DIR) if getattr(self, "_staging", False) else run_dir
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
 
     def _save_checkpoint(self, model, trial) -> None:
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -367,7 +370,7 @@ class LLMModulesTrainer(Trainer):
             super()._push_from_checkpoint(str(final))
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        if getattr(self, "_staging", False):
+        if self._staging:
             self._deferred_push = True  # its upload runs in the background: push the dir under its final name
             return
         super()._push_from_checkpoint(checkpoint_folder)
