@@ -170,6 +170,19 @@ def test_train_refuses_to_mix_runs_without_resume(tiny_pair, dataset_file, train
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("how", ["flag", "config"])
+def test_resume_refuses_another_batch_size_given_as_a_flag_or_in_the_config_with_exit_2(
+    tiny_pair, dataset_file, trained_dir, tmp_path, capsys, how
+):
+    config = tmp_path / "batch.yaml"
+    config.write_text("per_device_train_batch_size: 2\n")
+    change = ("--batch-size", "2") if how == "flag" else ("--config", str(config))
+    argv = train_argv(tiny_pair, dataset_file, trained_dir, "--max-steps", "4", "--save-steps", "2", "--resume", *change)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "per_device_train_batch_size (--batch-size): saved 1, now 2" in err[-1] and "Error:" not in err[-1]
+
+
 def test_generate_streams_and_prints(trained_dir, capsys):
     argv = ["generate", "--model", str(trained_dir), "--prompt", "what is 2 plus 3?", "--max-new-tokens", "8", "--seed", "0"]
     assert main(argv) == 0

@@ -12,6 +12,7 @@ from llm_modules.feature_cache import (
     MANIFEST_NAME,
     FeatureCacheDataset,
     FeatureCacheMismatch,
+    FeatureRangeError,
     build_feature_cache,
     cached_datasets,
 )
@@ -72,6 +73,31 @@ def test_a_matching_cache_is_reused_and_a_stale_one_rebuilt_or_refused(model, da
         model.large.get_input_embeddings().weight.mul_(2)  # another large model: its states differ
     with pytest.raises(FeatureCacheMismatch, match="large_weights"):
         build_feature_cache(directory, model, other, on_mismatch="error")
+
+
+def test_states_beyond_float16s_range_are_cached_in_bfloat16_with_one_line(model, dataset, tmp_path, caplog):
+    with torch.no_grad():
+        model.large.norm.weight.mul_(1e5)  # a source whose hidden states exceed 65,504 (EleutherAI/elk#208)
+    states = model.large_hidden_states(torch.tensor([dataset[5]["input_ids"]]))[0]
+    assert states.abs().max() > 65504
+    directory = tmp_path / "cache"
+    with caplog.at_level("WARNING", logger="llm_modules"):
+        cache = build_feature_cache(directory, model, dataset, batch_tokens=64)  # float16 by default
+    assert all(torch.isfinite(cache[i]).all() for i in range(len(cache)))
+    assert (cache.manifest["dtype"], cache.manifest["requested_dtype"]) == ("bfloat16", "float16")
+    torch.testing.assert_close(cache[5].float(), states, rtol=1e-2, atol=1e-2 * states.abs().max().item())
+    assert len(caplog.messages) == 1, caplog.messages
+    assert caplog.messages[0].startswith(f"feature cache {directory}: example ")
+    assert "beyond float16's largest value 65504: this cache is stored in bfloat16" in caplog.messages[0]
+    written = (directory / FEATURES_NAME).stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llm_modules"):
+        assert build_feature_cache(directory, model, dataset, on_mismatch="error").manifest["dtype"] == "bfloat16"
+    assert (directory / FEATURES_NAME).stat().st_mtime_ns == written and not caplog.messages  # reused as it is
+    with torch.no_grad():
+        model.large.norm.weight.fill_(float("inf"))  # nothing holds that: refused, naming the example
+    with pytest.raises(FeatureRangeError, match=r"feature cache .*: example \d+'s hidden states reach (inf|nan), beyond float16"):
+        build_feature_cache(tmp_path / "inf", model, dataset, batch_tokens=64)
 
 
 def test_an_interrupted_build_is_redone_and_foreign_dirs_are_refused(model, dataset, tmp_path):

@@ -3,6 +3,7 @@ resume after a real kill -9, and 2-process DDP against one process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from llm_modules.data import prepare_datasets
 from llm_modules.model_card import write_model_card
 from llm_modules.training import (
     COMPLETE_MARKER,
+    ConflictingOptionsError,
     NonFiniteLossError,
     TrainingOptions,
     check_resume_options,
@@ -221,24 +223,84 @@ def test_options_take_numbers_written_as_text_and_the_paper_preset():
     assert presets.names() == ["paper"] and "30%" in presets.description("paper")
 
 
-def test_only_complete_checkpoints_are_resumed_from(tmp_path):
+def test_only_complete_checkpoints_are_resumed_from(tmp_path, caplog):
     for step, complete in ((2, True), (4, True), (6, False)):
         directory = tmp_path / f"checkpoint-{step}"
         directory.mkdir()
         if complete:
             (directory / COMPLETE_MARKER).write_text("{}")
     assert checkpoint_to_resume(tmp_path).name == "checkpoint-4"
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        checkpoint_to_resume(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING", logger="llm_modules"):
+        assert checkpoint_to_resume(tmp_path / "elsewhere") is None
+    assert caplog.messages == [f"--resume: no complete checkpoint in {tmp_path / 'elsewhere'}: starting from step 0"]
+
+
+class CrashMidSave(Exception):
+    """What a kill -9 during a checkpoint's save leaves, in process: the weights written, the optimizer state not."""
+
+
+def test_a_save_cut_off_leaves_no_checkpoint_dir_and_resume_then_starts_from_step_0(tiny_pair, tmp_path, monkeypatch, caplog):
+    from transformers import Trainer
+
+    save_optimizer = Trainer._save_optimizer_and_scheduler
+
+    def crash_at_step_2(self, output_dir):
+        if self.state.global_step == 2:
+            raise CrashMidSave
+        save_optimizer(self, output_dir)
+
+    model = compose(tiny_pair)
+    train_set, _ = data(model)
+    opts = options(tmp_path, save_steps=2, max_steps=4)
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", crash_at_step_2)
+    with pytest.raises(CrashMidSave):
+        train(model, model.tokenizer, train_set, None, opts)
+    out = Path(opts.output_dir)
+    # Staged, then renamed when whole: the half-written save is under no checkpoint-N name.
+    assert not list(out.glob("checkpoint-*")) and list(out.glob("*/checkpoint-2/model.safetensors"))
+
+    monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", save_optimizer)
+    model = compose(tiny_pair)
+    with caplog.at_level("WARNING", logger="llm_modules"):
+        trainer = train(model, model.tokenizer, train_set, None, dataclasses.replace(opts, resume=True))
+    assert trainer.state.global_step == 4
+    assert f"--resume: no complete checkpoint in {out}: starting from step 0" in caplog.messages
+    assert [c.name for c in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the staging dir is gone
 
 
 def test_resume_refuses_other_data_options(tmp_path):
     saved = options(tmp_path)
     Path(saved.output_dir).mkdir(parents=True)
     (Path(saved.output_dir) / "training_options.json").write_text(json.dumps(saved.to_dict()))
-    check_resume_options(options(tmp_path, resume=True, epochs=3))  # not a data option
-    with pytest.raises(ValueError, match=r"seed \(42 -> 7\)"):
+    check_resume_options(options(tmp_path, resume=True, epochs=3))  # with max_steps set, epochs change nothing
+    check_resume_options(options(tmp_path, resume=True, logging_steps=5, trainer_args={"disable_tqdm": False}))
+    with pytest.raises(ConflictingOptionsError, match=r"seed \(--seed\): saved 42, now 7"):
         check_resume_options(options(tmp_path, resume=True, seed=7))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        # One setting, whichever way it is given: an option (a flag) or a TrainingArguments field (transformers#21271).
+        ({"batch_size": 1}, "per_device_train_batch_size (--batch-size): saved 2, now 1"),
+        ({"trainer_args": {"per_device_train_batch_size": 1}}, "per_device_train_batch_size (--batch-size): saved 2, now 1"),
+        ({"trainer_args": {"gradient_accumulation_steps": 4}}, "gradient_accumulation_steps (--grad-accum): saved 1, now 4"),
+        ({"lr_scheduler": "linear"}, "lr_scheduler_type (lr_scheduler): saved 'constant_with_warmup', now 'linear'"),
+        ({"max_steps": 8}, "max_steps (--max-steps): saved 4, now 8"),
+        ({"lr_bridge": 1e-3}, "lr_bridge (--lr-bridge): saved 0.003, now 0.001"),
+        ({"trainer_args": {"adam_beta2": 0.95}}, "adam_beta2: saved 0.999, now 0.95"),
+        ({"subset": 0.5}, "subset (--subset): saved 1.0, now 0.5"),
+    ],
+)
+def test_resume_refuses_any_setting_that_changes_the_run_however_it_is_given(tmp_path, change, named):
+    saved = options(tmp_path)
+    Path(saved.output_dir).mkdir(parents=True)
+    (Path(saved.output_dir) / "training_options.json").write_text(json.dumps(saved.to_dict(), default=str))
+    with pytest.raises(ConflictingOptionsError) as refused:
+        check_resume_options(options(tmp_path, resume=True, **change))
+    message = str(refused.value)
+    assert named in message and "\n" not in message and message.startswith(f"--resume: the run in {saved.output_dir}")
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -265,7 +327,8 @@ def test_resume_after_kill_minus_9_mid_save_ends_with_the_same_weights(tiny_pair
     killed = run([sys.executable, str(TESTS / "train_until_killed.py"), "6",
                   *train_args(tiny_pair, dataset_file, killed_dir, *extra)])
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (killed_dir / "checkpoint-6" / "model.safetensors").is_file()
+    assert (killed_dir / ".partial-checkpoints" / "checkpoint-6" / "model.safetensors").is_file()
+    assert not (killed_dir / "checkpoint-6").exists()  # staged: renamed only once whole
     assert [c.name for c in complete_checkpoints(killed_dir)] == ["checkpoint-2", "checkpoint-4"]
 
     resumed = run([sys.executable, "-m", "llm_modules.cli", *train_args(tiny_pair, dataset_file, killed_dir, *extra), "--resume"])
@@ -275,6 +338,19 @@ def test_resume_after_kill_minus_9_mid_save_ends_with_the_same_weights(tiny_pair
     assert expected.keys() == got.keys()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+
+@pytest.mark.slow
+def test_resume_after_kill_minus_9_during_the_first_save_starts_from_step_0(tiny_pair, dataset_file, tmp_path):
+    extra = ("--max-steps", "4", "--batch-size", "2", "--save-steps", "2", "--val-split", "0")
+    out = tmp_path / "run"
+    killed = run([sys.executable, str(TESTS / "train_until_killed.py"), "2", *train_args(tiny_pair, dataset_file, out, *extra)])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not list(out.glob("checkpoint-*"))
+    resumed = run([sys.executable, "-m", "llm_modules.cli", *train_args(tiny_pair, dataset_file, out, *extra), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"--resume: no complete checkpoint in {out}: starting from step 0" in resumed.stderr.splitlines()
+    assert "trained 4 steps" in resumed.stdout
 
 
 @pytest.mark.slow

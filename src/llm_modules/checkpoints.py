@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from .configuration import FORMAT_VERSION, LLMModulesConfig
 from .head_init import init_head_from_small, small_output_embeddings
+from .quantization import UnsupportedLayerError
 from .sources import (
     ModelSourceError,
     as_dtype,
@@ -228,6 +229,8 @@ class CheckpointMixin:
                     source, large_dtype if large_dtype is not None else dtype, large_quantization,
                     device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
                 ))
+            except UnsupportedLayerError:
+                raise  # the model is where it should be; large_quantization cannot take it
             except (OSError, ValueError) as error:
                 raise ModelSourceError(f"cannot load {what} {source!r}: {error}; {hint}") from error
             names[index] = source  # recorded as resolved (absolute)

@@ -7,6 +7,10 @@ model's `large_hidden_states` input, so training skips the large model. With sev
 states side by side (`[total tokens, D_1 + ... + D_N]`, in source order), which the model splits back per source.
 Depth connections read inner layers, which the cache does not hold: it refuses those models.
 
+float16 holds values up to 65,504 only. Writing checks every example's largest value against the storage dtype; a
+source whose states go beyond it (e.g. ~8.8e4) would store inf and train on NaN, so that cache is written again in
+bfloat16 instead, with one warning line, and its manifest says so (`dtype` as stored, `requested_dtype` as asked).
+
 A manifest records what the states depend on: the large model (id or path, revision, a fingerprint of its weights,
 dtype), the tokenizer, the max length and a fingerprint of the token ids. Opening a cache checks it; a mismatch
 rebuilds it (or, with `on_mismatch="error"`, refuses) and never silently reuses stale states. The manifest is written
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -34,10 +40,27 @@ OFFSETS_NAME = "offsets.npy"
 FORMAT_VERSION = 1
 # numpy has no bfloat16: those are stored as their raw 16 bits and viewed back as bfloat16 on reading.
 STORAGE = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16), "float32": (np.float32, torch.float32)}
+# Where states beyond float16's range go: bfloat16 has float32's range at float16's size, and is what transformers
+# and accelerate point to for models whose activations overflow float16 (their bf16 mixed precision).
+OUT_OF_RANGE_FALLBACK = "bfloat16"
+
+logger = logging.getLogger(__name__)
 
 
 class FeatureCacheMismatch(ValueError):
     """A cache directory holds states computed for another model, tokenizer or dataset."""
+
+
+class FeatureRangeError(ValueError):
+    """An example's hidden states go beyond what any storage dtype of the cache holds (inf, or beyond float32)."""
+
+
+class StatesOutOfRange(Exception):
+    """While writing: example `index`'s states reach `peak`, beyond what the storage dtype holds."""
+
+    def __init__(self, index: int, peak: float):
+        super().__init__(index, peak)
+        self.index, self.peak = index, peak
 
 
 def _sha256(chunks) -> str:
@@ -131,6 +154,8 @@ def build_feature_cache(
 ) -> FeatureCache:
     """Open the cache of `dataset` in `directory`, building it first if it is missing, interrupted or stale.
 
+    `dtype` is the storage of the states; when an example's states go beyond its range (float16: 65,504), the cache
+    is written in bfloat16 instead, with one warning line naming the example (its index in `dataset`).
     `on_mismatch="error"` raises `FeatureCacheMismatch` instead of rebuilding a cache made for other inputs. A
     directory that holds files that are not ours is refused rather than cleared. Examples are run through the frozen
     model sorted by length, in batches of about `batch_tokens` tokens, on `device` (default: where the model is).
@@ -142,6 +167,8 @@ def build_feature_cache(
     manifest_path = directory / MANIFEST_NAME
     if manifest_path.is_file():
         found = json.loads(manifest_path.read_text())
+        # A cache that fell back to another dtype was built for the one asked (caches written before have no key).
+        found = {**found, "dtype": found.get("requested_dtype", found.get("dtype"))}
         differences = [f"{key}: cache has {found.get(key)!r}, now {value!r}" for key, value in expected.items() if found.get(key) != value]
         if not differences:
             return FeatureCache(directory)
@@ -156,8 +183,29 @@ def build_feature_cache(
         for path in directory.iterdir():
             path.unlink() if path.is_file() else shutil.rmtree(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _write_features(directory, model, dataset, expected, device, batch_tokens)
+    try:
+        _write_features(directory, model, dataset, expected, device, batch_tokens)
+    except StatesOutOfRange as beyond:
+        beyond_what = f"beyond {dtype}'s largest value {torch.finfo(STORAGE[dtype][1]).max:.6g}"
+        if dtype != "float16" or not math.isfinite(beyond.peak):  # nothing wider to fall back to at this size
+            raise _range_error(directory, beyond, beyond_what) from None
+        logger.warning(
+            f"feature cache {directory}: example {beyond.index}'s hidden states reach {beyond.peak:.4g}, "
+            f"{beyond_what}: this cache is stored in {OUT_OF_RANGE_FALLBACK} instead (float32's range at half the size)"
+        )
+        fallback = {**expected, "dtype": OUT_OF_RANGE_FALLBACK, "requested_dtype": dtype}
+        try:
+            _write_features(directory, model, dataset, fallback, device, batch_tokens)
+        except StatesOutOfRange as still:
+            raise _range_error(directory, still, f"beyond {OUT_OF_RANGE_FALLBACK}'s range too") from None
     return FeatureCache(directory)
+
+
+def _range_error(directory: Path, beyond: StatesOutOfRange, what: str) -> FeatureRangeError:
+    return FeatureRangeError(
+        f"feature cache {directory}: example {beyond.index}'s hidden states reach {beyond.peak:.4g}, {what}: the "
+        "frozen model overflows on it; train without --feature-cache, or check the frozen model's dtype"
+    )
 
 
 @torch.no_grad()
@@ -204,6 +252,12 @@ def _run_batch(model, dataset, batch, lengths, offsets, features, device, torch_
     # The same positions the model's forward derives from a right-padded mask.
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     states = torch.cat(model.source_hidden_states(input_ids, attention_mask, position_ids), dim=-1)
+    # Largest |value| of each example, padding excluded: one past the storage dtype's range would be stored as inf.
+    peaks = states.abs().float().masked_fill(attention_mask[..., None] == 0, 0).amax(dim=(1, 2)).cpu()
+    beyond = (~(peaks <= torch.finfo(torch_dtype).max)).nonzero()  # NaN too: it is no value any dtype stores
+    if len(beyond):
+        row = int(beyond[0])
+        raise StatesOutOfRange(batch[row], float(peaks[row]))
     states = states.to(torch_dtype).cpu()
     for row, index in enumerate(batch):
         rows = states[row, : lengths[index]]

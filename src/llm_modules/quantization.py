@@ -10,13 +10,18 @@ in software without AVX512-BF16, so it is bound by compute, not memory); PyTorch
 needs `torch.compile`). Hence fbgemm. PyTorch marks `torch.ao` eager quantization deprecated in favour of torchao;
 the pinned torch range keeps it, and tests cover it, until torchao's eager CPU path is as fast here.
 
-- `"fp16"`: every `nn.Linear` holds float16 weights; activations stay float32 (no overflow, same results as float32
+- `"fp16"`: every linear layer holds float16 weights; activations stay float32 (no overflow, same results as float32
   to about 1e-3).
-- `"int8"`: every `nn.Linear` holds int8 weights (symmetric, one scale per output channel); activations are quantized
+- `"int8"`: every linear layer holds int8 weights (symmetric, one scale per output channel); activations are quantized
   to int8 per token at run time (`Int8Linear`).
 
-Token embeddings keep the checkpoint's precision (a lookup reads one row, not the table) and return float32; the rest
-(norms, rotary tables) runs in float32, so the hidden states the model returns are float32. On a GPU, load the frozen
+Linear layers are torch's `nn.Linear` and transformers' `Conv1D` (GPT-2 and its family: the same product with the
+weight stored transposed, `[in, out]`). A model holding a weight matrix in a layer of any other kind is refused,
+naming the kind, before anything is swapped: left alone, that layer would keep its weights unquantized and be
+upcast to float32 with the norms (`torch.ao.quantization.quantize_dynamic` skips such layers without a word,
+pytorch#33433). Token and position embeddings keep the checkpoint's precision (a lookup reads one row, not the table)
+and return float32; the rest (norms, biases, rotary tables: vectors only) runs in float32, so the hidden states the
+model returns are float32. On a GPU, load the frozen
 model with `quantization_config=BitsAndBytesConfig(load_in_8bit=True)` instead (bitsandbytes).
 """
 
@@ -28,6 +33,11 @@ import torch
 from torch import nn
 
 LARGE_QUANTIZATIONS = ("int8", "fp16")
+
+
+class UnsupportedLayerError(ValueError):
+    """The frozen model holds weights in a layer kind that `quantize_frozen_model` cannot quantize (bad input for
+    `large_quantization`: the command line exits with code 2)."""
 
 
 class Int8Linear(nn.Module):
@@ -83,14 +93,54 @@ def _float16_linear(linear: nn.Linear) -> nn.Module:
     return DynamicQuantizedLinear.from_float(linear)
 
 
+def as_linear(module: nn.Module) -> nn.Linear:
+    """`module` (an `nn.Linear`, or transformers' `Conv1D`: `y = x W + b` with `W` `[in, out]`) as an `nn.Linear`
+    computing the same product; the weights keep their dtype."""
+    if type(module) is nn.Linear:
+        return module
+    in_features, out_features = module.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def layers_to_swap(model: nn.Module, method: str) -> list[str]:
+    """Names of the modules `quantize_frozen_model` replaces: linear layers (`nn.Linear`, `Conv1D`) and embeddings.
+
+    Raises `UnsupportedLayerError` naming the kind (and its layers) of any other module that holds a weight matrix.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    names, unknown = [], {}
+    for name, module in model.named_modules():
+        if type(module) in (nn.Linear, Conv1D, nn.Embedding):
+            names.append(name)
+        elif not isinstance(module, nn.Embedding) and any(p.ndim >= 2 for p in module.parameters(recurse=False)):
+            # nn.Embedding subclasses (scaled or learned-position tables) are lookups: they keep their precision.
+            unknown.setdefault(type(module).__name__, []).append(name)
+    if unknown:
+        kinds = "; ".join(
+            f"{kind} ({', '.join(layers[:3])}{f', ... ({len(layers)} in all)' if len(layers) > 3 else ''})"
+            for kind, layers in unknown.items()
+        )
+        raise UnsupportedLayerError(
+            f"large_quantization={method!r} cannot quantize the frozen model's layers of type {kinds}; it quantizes "
+            "torch Linear and transformers Conv1D layers: load without it"
+        )
+    return names
+
+
 def quantize_frozen_model(model: nn.Module, method: str = "int8") -> nn.Module:
     """Swap the linear layers of a frozen (inference-only) model for `method`'s, in place; returns the model.
 
     Layer by layer, so the peak memory is the model as loaded (e.g. bfloat16) plus one layer in float32. The result
     cannot be trained or saved with `save_pretrained`; the combined model never saves its frozen part.
 
-    Raises ValueError for an unknown `method` or a model that is not on the CPU, RuntimeError when this PyTorch
-    build has no x86/fbgemm quantized engine.
+    Raises ValueError for an unknown `method` or a model that is not on the CPU, `UnsupportedLayerError` (a ValueError)
+    for a model with weight matrices in a layer kind other than `nn.Linear`, `Conv1D` and embeddings (nothing is
+    swapped then), RuntimeError when this PyTorch build has no x86/fbgemm quantized engine.
     """
     if method not in LARGE_QUANTIZATIONS:
         raise ValueError(f"large_quantization must be one of {LARGE_QUANTIZATIONS}, got {method!r}")
@@ -110,13 +160,13 @@ def quantize_frozen_model(model: nn.Module, method: str = "int8") -> nn.Module:
     # 1.5B model loaded in bfloat16 would double in memory) and has no per-token activation scales.
     # Names, not modules: a list holding the replaced modules would keep every layer's float32 copy alive until the end
     # (measured: 10.3 GiB peak instead of 3.8 for the 1.5B pair).
-    names = [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Embedding)]
+    names = layers_to_swap(model, method)  # before the first swap: a refused model is left as it was
     for name in names:
         module = model.get_submodule(name)
-        if type(module) is nn.Linear:
+        if type(module) is not nn.Embedding:
             with warnings.catch_warnings():  # torch's deprecation notice of torch.ao, once per layer (see above)
                 warnings.simplefilter("ignore", UserWarning)
-                replacement = swap(module)
+                replacement = swap(as_linear(module))
         else:
             replacement = Float32Embedding(module)
         parent_name, _, child = name.rpartition(".")

@@ -7,8 +7,9 @@ model you already have.
 
 What we add to the Trainer, and why:
 - two AdamW learning rates (bridge 1e-4, small model and head 5e-5, as in the paper); the frozen model is in no group;
-- checkpoints hold only the trained weights (the model's `save_pretrained`), load back strictly, and count as
-  complete only once a marker file is written last, so a crash mid-save never leaves a checkpoint we resume from;
+- checkpoints hold only the trained weights (the model's `save_pretrained`), load back strictly, and are written
+  into a staging dir (`.partial-checkpoints/checkpoint-N`) that is renamed to `checkpoint-N` once whole and marked,
+  so a crash mid-save leaves no `checkpoint-N` at all, let alone one we resume from;
 - a step whose loss is not finite is skipped (its gradients are dropped) and counted; 10 in a row stop the run;
 - the model's loss takes the Trainer's `num_items_in_batch` (labelled tokens of the accumulated, global batch), so
   gradient accumulation and data parallelism give the same update as one big batch; a plain `Trainer` gets the same.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.training_args import ParallelMode
 
 from .checkpoints import WEIGHTS_NAME
 from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, prepare_datasets, resolve_dataset_source
@@ -40,9 +42,31 @@ from .sources import ModelSourceError, check_same_vocabulary, load_config, resol
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+# Where a checkpoint is written before it is renamed to OUTPUT/checkpoint-N. A dir of its own (not a sibling
+# `tmp-checkpoint-N`) so the Trainer writes `checkpoint-N` under it unchanged, keeping the name that its hub push and
+# its best-checkpoint bookkeeping use.
+STAGING_DIR = ".partial-checkpoints"
+TRAINER_STATE_NAME = "trainer_state.json"
 OPTIONS_NAME = "training_options.json"
-# Options that decide which examples are trained on, in which order: a resumed run must not change them.
-DATA_OPTIONS = ("large", "small", "dataset", "max_length", "subset", "val_split", "seed", "loss_on", "batch_size", "grad_accum")
+# What a resumed run must not change, compared as the run takes it (so a batch size is one setting whether it came
+# from --batch-size, a config file's batch_size or trainer_args' per_device_train_batch_size): the TrainingArguments
+# fields that change the updates, the schedule, the data order or the numerics, with the flag or option that sets
+# them; then our options that no TrainingArguments field carries.
+RUN_ARGUMENTS = {
+    "per_device_train_batch_size": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
+    "num_train_epochs": "--epochs", "max_steps": "--max-steps", "lr_scheduler_type": "lr_scheduler",
+    "lr_scheduler_kwargs": None, "warmup_steps": "--warmup", "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm", "optim": None, "optim_args": None, "adam_beta1": None, "adam_beta2": None,
+    "adam_epsilon": None, "seed": "--seed", "data_seed": None, "full_determinism": None, "bf16": "--precision",
+    "fp16": "--precision", "train_sampling_strategy": None, "dataloader_drop_last": None,
+    "label_smoothing_factor": None, "neftune_noise_alpha": None, "average_tokens_across_devices": None,
+}
+RUN_OPTIONS = {
+    "large": "--large", "small": "--small", "small_init": "--small-init", "model_options": None,
+    "large_dtype": None, "dataset": "--dataset", "dataset_split": None, "dataset_revision": None,
+    "max_length": "--max-length", "subset": "--subset", "val_split": "--val-split", "loss_on": "--loss-on",
+    "lr_bridge": "--lr-bridge", "lr_small": "--lr-small",
+}
 # Options only `prepare_datasets` reads: the model card takes them from the data's `DataReport`, not from the options.
 DATA_PREPARATION = ("dataset", "dataset_split", "dataset_revision", "max_length", "subset", "val_split", "loss_on", "strict")
 
@@ -179,10 +203,40 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint dirs without a completion marker: left by a crash during a save."""
+    """Saves that never finished: staged checkpoints (a crash during a save) and, from versions that wrote in place,
+    checkpoint dirs without a completion marker."""
     root = Path(output_dir)
     complete = set(complete_checkpoints(root))
-    return [p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p not in complete]
+    staged = sorted((root / STAGING_DIR).glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+    return [*staged, *(p for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p not in complete)]
+
+
+def fsync_tree(directory: Path) -> None:
+    """Every file under `directory` on disk, so that a rename published after it never names lost data."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def publish_checkpoint(staged: Path, final: Path) -> None:
+    """Rename the whole checkpoint `staged` to `final` (same filesystem: one atomic rename). A `final` already there
+    (a leftover of this step) is moved aside first and removed after, so `final` never holds a mix of two saves."""
+    stale = staged.with_name(staged.name + ".stale")
+    if final.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+    os.replace(staged, final)
+    descriptor = os.open(final.parent, os.O_RDONLY)  # the rename itself on disk
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    shutil.rmtree(stale, ignore_errors=True)
+    try:
+        staged.parent.rmdir()  # the staging dir, once empty
+    except OSError:
+        pass
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -208,6 +262,8 @@ class _StepGuard(TrainerCallback):
 class LLMModulesTrainer(Trainer):
     """`Trainer` for `LLMModulesForCausalLM`: two learning rates, trained-only checkpoints marked complete when whole,
     token-weighted loss across accumulation and processes, non-finite steps skipped. See the module docstring."""
+
+    _staging = _deferred_push = False  # during a checkpoint's save: see _save_checkpoint
 
     def __init__(self, *args: Any, lr_bridge: float = 1e-4, lr_small: float = 5e-5, max_nonfinite_steps: int = 10,
                  save_total_limit: int | None = None, model_card: dict[str, Any] | None = None, **kwargs: Any):
@@ -280,17 +336,44 @@ class LLMModulesTrainer(Trainer):
 
     # -- checkpoints: trained weights only, complete when marked --
 
+    # transformers 5.24 writes checkpoint-N in place; 4.36-4.38 staged it in tmp-checkpoint-N renamed when whole
+    # (transformers#28364), dropped after trouble on several nodes. We stage as they did: the Trainer saves under
+    # STAGING_DIR (`_get_output_dir` points there during the save), every process waits for the others, and the main
+    # one renames the whole dir to checkpoint-N once written, synced and marked (one filesystem shared by all nodes).
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.args.should_save:
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial))
+        staged, final = run_dir / STAGING_DIR / name, run_dir / name
+        if self.args.should_save and staged.exists():
+            shutil.rmtree(staged)  # a save of this step that was cut off
+        self._staging, self._deferred_push = True, False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staged:
+            self.state.best_model_checkpoint = str(final)  # the Trainer recorded where it wrote
+        if self.args.parallel_mode == ParallelMode.DISTRIBUTED:
+            self.accelerator.wait_for_everyone()  # every process's part written (FSDP, DeepSpeed) before the rename
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))  # again, with the best checkpoint's final path
+            fsync_tree(staged)
+            write_atomic(staged / COMPLETE_MARKER, json.dumps({"step": self.state.global_step}) + "\n")
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(str(run_dir), self.checkpoint_limit, self.state.best_model_checkpoint)
+        if self._deferred_push:
+            super()._push_from_checkpoint(str(final))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._staging:
+            self._deferred_push = True  # its upload runs in the background: push the dir under its final name
             return
-        directory = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        for path in directory.rglob("*"):  # on disk before the marker says so, even if the machine dies
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-        write_atomic(directory / COMPLETE_MARKER, json.dumps({"step": self.state.global_step}) + "\n")
-        rotate_checkpoints(self._get_output_dir(trial), self.checkpoint_limit, self.state.best_model_checkpoint)
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _trained_model(self) -> LLMModulesForCausalLM:
         return self.accelerator.unwrap_model(self.model)
@@ -411,11 +494,14 @@ def build_trainer(
     ))
 
 
-def checkpoint_to_resume(output_dir: str | os.PathLike) -> Path:
-    """The newest complete checkpoint; incomplete ones (a crash mid-save) are never used."""
+def checkpoint_to_resume(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (a crash mid-save) are never used. None, with one warning
+    line, when there is none: a run killed during its first save then simply starts again (transformers'
+    `resume_from_checkpoint=True` raises there instead, which left deleting the dir by hand as the only way on)."""
     found = complete_checkpoints(output_dir)
     if not found:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {output_dir}")
+        logger.warning(f"--resume: no complete checkpoint in {output_dir}: starting from step 0")
+        return None
     return found[-1]
 
 
@@ -462,6 +548,7 @@ def train(
         for leftover in incomplete_checkpoints(output_dir):
             logger.warning(f"removing {leftover}: its save never finished")
             shutil.rmtree(leftover)
+        shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)  # what is left there is no save of ours
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trainer.save_model(str(output_dir))
     metrics = trainer.evaluate() if eval_dataset is not None else {}
@@ -504,15 +591,44 @@ def load_model_for_training(options: TrainingOptions) -> LLMModulesForCausalLM:
         raise OSError(f"cannot load --large {options.large} / --small {options.small}: {error}") from error
 
 
+def run_settings(options: TrainingOptions) -> dict[str, tuple[Any, str | None]]:
+    """{setting: (value, the flag or option that sets it)} of every setting in `RUN_ARGUMENTS` and `RUN_OPTIONS`, as
+    the run takes them (`trainer_args` applied). Epochs are left out when max_steps is set: they change nothing."""
+    args = training_arguments(options, has_eval=options.val_split > 0)
+    settings: dict[str, tuple[Any, str | None]] = {}
+    for name, flag in RUN_ARGUMENTS.items():
+        if hasattr(args, name) and not (name == "num_train_epochs" and args.max_steps > 0):
+            value = getattr(args, name)
+            settings[name] = (getattr(value, "value", value), flag)  # enums (scheduler, optimizer) as their text
+    settings.update({name: (getattr(options, name), flag) for name, flag in RUN_OPTIONS.items()})
+    return settings
+
+
 def check_resume_options(options: TrainingOptions) -> None:
-    """A resumed run must use the data options it started with, or it would train on other examples."""
+    """A resumed run must use the settings it started with (`RUN_ARGUMENTS`, `RUN_OPTIONS`), however they are given:
+    other ones would train on other examples, or with another update, than its checkpoint's optimizer and schedule.
+    transformers only warns about a few (`compare_trainer_and_checkpoint_args`: batch size, logging, eval and save
+    steps) and resumes with the checkpoint's batch size in its state (transformers#21271); we refuse, with
+    `ConflictingOptionsError` (bad input, exit code 2) naming each setting, saved and now, on one line."""
     saved_path = Path(options.output_dir) / OPTIONS_NAME
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
-    changed = [f"{k} ({saved.get(k)!r} -> {getattr(options, k)!r})" for k in DATA_OPTIONS if saved.get(k) != getattr(options, k)]
+    values = json.loads(saved_path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainingOptions)}
+    # Compared from where the run is now: a different output dir or resume flag is no other run.
+    saved = TrainingOptions(**{**{k: v for k, v in values.items() if k in known},
+                               "output_dir": options.output_dir, "resume": options.resume})
+    before, now = run_settings(saved), run_settings(options)
+    changed = [
+        f"{name}{f' ({flag})' if flag else ''}: saved {before[name][0]!r}, now {value!r}"
+        for name, (value, flag) in now.items()
+        if name in before and before[name][0] != value
+    ]
     if changed:
-        raise ValueError(f"--resume with other data options than the run in {options.output_dir}: " + ", ".join(changed))
+        raise ConflictingOptionsError(
+            f"--resume: the run in {options.output_dir} was started with other settings: " + "; ".join(changed)
+            + " (resume with the run's settings, or train into another --output-dir)"
+        )
 
 
 def fit_max_length_to_positions(options: TrainingOptions) -> TrainingOptions:
@@ -561,7 +677,7 @@ def run_training(options: TrainingOptions, callbacks: list[TrainerCallback] | No
         dataset=resolve_dataset_source(options.dataset, "--dataset"),
     )
     options = fit_max_length_to_positions(options)
-    if options.resume:
+    if options.resume and complete_checkpoints(options.output_dir):  # with none, the run starts again from step 0
         check_resume_options(options)
     else:
         refuse_to_mix_runs(options.output_dir)

@@ -124,6 +124,9 @@ def describe_error(error: Exception) -> tuple[int, str]:
     # imported: when it never loaded, the error cannot be one of its own (and importing it might be what failed).
     data = sys.modules.get("llm_modules.data")
     bad_data = (data.DataFileError, data.EmptyDatasetError, data.InvalidRowError) if data else ()
+    # --large-quantization on a frozen model with layers it cannot quantize: bad input too.
+    quantization = sys.modules.get("llm_modules.quantization")
+    bad_data += (quantization.UnsupportedLayerError,) if quantization else ()
     if isinstance(error, (UsageError, *bad_data)):
         return EXIT_USAGE, first_line
     missing = (ModelSourceError, FileNotFoundError, NotADirectoryError, EntryNotFoundError, RepositoryNotFoundError,

@@ -94,7 +94,7 @@ def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
 
 def run_train(args: argparse.Namespace) -> None:
     from ..data import DataFileError, EmptyDatasetError, InvalidRowError
-    from ..feature_cache import FeatureCacheMismatch
+    from ..feature_cache import FeatureCacheMismatch, FeatureRangeError
     from ..training import ConflictingOptionsError, TrainingOptions, run_training
 
     preset = presets.load(args.preset) if "preset" in args else {}
@@ -114,7 +114,8 @@ def run_train(args: argparse.Namespace) -> None:
         result = run_training(options)  # its data report and warnings reach stderr through `main`'s library_messages
     except InvalidRowError as error:
         raise UsageError(f"{options.dataset}: {error} (drop --strict to skip invalid rows)") from error
-    except (DataFileError, EmptyDatasetError, FeatureCacheMismatch, FileExistsError, ConflictingOptionsError) as error:
+    except (DataFileError, EmptyDatasetError, FeatureCacheMismatch, FeatureRangeError, FileExistsError,
+            ConflictingOptionsError) as error:
         raise UsageError(f"{error}") from error
     if result.trainer.is_world_process_zero():
         loss = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
