@@ -57,7 +57,9 @@ from .protocol import (
     check_supported,
     validation_error,
 )
+from .request_log import RequestLog
 from .sampling import TokenLogprob
+from .stop_scanner import StopScanner
 from .templates import TemplateError, fold_system_turns, template_has_system_role
 
 MAX_STOP_SEQUENCES = 4  # as the OpenAI API
@@ -98,36 +100,6 @@ class Job:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with echo and logprobs: one per prompt token
 
 
-class StopScanner:
-    """Cuts text at the first stop sequence; fed piece by piece, it holds back a tail that could still start one.
-
-    Streaming and non-streaming answers go through it, so both give the same text.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.text += piece
-        hits = [i for i in (self.text.find(stop, self.sent) for stop in self.stops) if i >= 0]
-        if hits:
-            end, self.stopped = min(hits), True
-        else:
-            held = max(
-                (k for stop in self.stops for k in range(1, len(stop)) if self.text.endswith(stop[:k])), default=0
-            )
-            end = len(self.text) - held
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-    def flush(self) -> str:
-        out = "" if self.stopped else self.text[self.sent:]
-        self.sent = len(self.text)
-        return out
-
-
 class ModelServer:
     """The served model: prompts -> token ids, request checks, and generation by a `BatchingEngine`.
 
@@ -156,7 +128,9 @@ class ModelServer:
         self.engine = BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, skip_ids=self.control_ids)
         self.logprob_format = LogprobFormat(tokenizer)
         # A chat template that refuses (or drops) system messages gets them at the start of the first user turn.
-        self.fold_system = not self.combined and bool(tokenizer.chat_template) and not template_has_system_role(tokenizer)
+        self.fold_system = (
+            not self.combined and bool(tokenizer.chat_template) and not template_has_system_role(tokenizer)
+        )
         if self.fold_system:
             log.warning("the chat template has no system role: system messages (and --system) go at the start of "
                         "the first user turn, as llama.cpp's server does")
@@ -336,48 +310,6 @@ class ModelServer:
 
 
 # ---- the app ----------------------------------------------------------------------------------------------------
-
-
-class RequestLog:
-    """ASGI middleware: one log line per request once its response has ended (a stream included): method, path,
-    status, prompt and completion tokens (what the handler put in `request.state`; `-` when none) and seconds.
-    A client gone before the end is logged with status 499, as nginx does.
-
-    Plain ASGI because an `@app.middleware("http")` function returns when a stream starts, before its tokens are
-    known, and sees neither the disconnect nor the end of the body.
-    """
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status, ended, gone = time.monotonic(), 500, False, False
-        state = scope.setdefault("state", {})  # what `request.state` reads and writes
-
-        async def receiving() -> dict:
-            nonlocal gone
-            message = await receive()
-            gone = gone or (message["type"] == "http.disconnect" and not ended)
-            return message
-
-        async def sending(message: dict) -> None:
-            nonlocal status, ended
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                ended = True
-            await send(message)
-
-        try:
-            await self.app(scope, receiving, sending)
-        finally:
-            log.info(
-                "%s %s %d prompt_tokens=%s completion_tokens=%s %.2fs", scope["method"], scope["path"],
-                499 if gone else status, state.get("prompt_tokens", "-"), state.get("completion_tokens", "-"),
-                time.monotonic() - started,
-            )
 
 
 def create_app(server: ModelServer, api_key: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
