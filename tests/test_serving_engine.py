@@ -208,3 +208,29 @@ def test_async_iteration_and_a_failed_step(tiny_model, one_thread):
             failing.result()
         assert failing.finish_reason == "error"
         assert engine.submit(GenerationRequest(ids, 6)).result() == token_ids  # the engine goes on
+
+
+def test_logit_bias_penalties_and_logprobs_are_per_row(tiny_model, one_thread):
+    """Rows beside each other differ: a biased row and a penalized one do not change the plain greedy row beside
+    them; a request scoring its prompt only (max_new_tokens 0) ends after the prefill that the others continue."""
+    tokenizer = tiny_model.tokenizer
+    ids = tokenizer("the cat sat")["input_ids"]
+    plain = greedy_alone(tiny_model, ids, 6)
+    with BatchingEngine(tiny_model, tokenizer, max_batch_size=4) as engine:
+        requests = [
+            GenerationRequest(ids, 6, ignore_eos=True, logprobs=2),
+            GenerationRequest(ids, 6, ignore_eos=True, logit_bias={plain[0]: -100.0}),
+            GenerationRequest(ids, 6, ignore_eos=True, presence_penalty=2.0, frequency_penalty=2.0),
+            GenerationRequest(ids, 0, prompt_logprobs=1),
+        ]
+        together = [engine.submit(r) for r in requests]
+        results = [g.result() for g in together]
+        assert engine.running == 0
+    assert results[0] == plain and results[1][0] != plain[0] and len(set(results[2])) == 6
+    assert results[3] == [] and together[3].finish_reason == "length"
+    scored = together[3].prompt_logprobs
+    assert scored[0] is None and [e.token for e in scored[1:]] == ids[1:] and len(scored[1].top) == 1
+    entries = together[0].logprobs
+    assert [e.token for e in entries] == plain and all(e.top[0][0] == e.token for e in entries)
+    with pytest.raises(ValueError, match="at least 1"):
+        engine.submit(GenerationRequest(ids, 0))

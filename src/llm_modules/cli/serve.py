@@ -36,6 +36,11 @@ def add_serve(subparsers) -> None:
     )
     parser.add_argument("--max-new-tokens-limit", type=int_at_least(1), default=2048, help="largest max_tokens allowed")
     parser.add_argument("--system", help="system prompt for chats that bring none (default: the Bespoke-Stratos one)")
+    parser.add_argument(
+        "--allowed-origins", nargs="+", metavar="ORIGIN", default=None,
+        help="browser origins allowed to call the API from their pages (CORS), e.g. https://app.example, or '*' "
+        "for any (as vLLM's flag; default: none, no CORS headers)",
+    )
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no log line per request; warnings and errors only")
     parser.set_defaults(handler=run_serve)
@@ -60,4 +65,5 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     print(f"serving {server.name!r} (context {server.context_length} tokens, batches of up to "
           f"{server.engine.max_batch_size} requests) at http://{args.host}:{args.port}/v1", flush=True)
-    serving.serve(server, host=args.host, port=args.port, api_key=args.api_key, quiet=args.quiet)
+    serving.serve(server, host=args.host, port=args.port, api_key=args.api_key, quiet=args.quiet,
+                  allowed_origins=args.allowed_origins)

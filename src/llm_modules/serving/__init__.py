@@ -28,6 +28,7 @@ from typing import Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -46,14 +47,20 @@ from ..generation import (
 from ..modeling import LLMModulesForCausalLM
 from . import chat_page
 from .engine import BatchingEngine, Generation, GenerationRequest
+from .logprobs import LogprobFormat
 from .protocol import (
     APIError,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     SamplingRequest,
+    check_supported,
     validation_error,
 )
+from .request_log import RequestLog
+from .sampling import TokenLogprob
+from .stop_scanner import StopScanner
+from .templates import TemplateError, fold_system_turns, template_has_system_role
 
 MAX_STOP_SEQUENCES = 4  # as the OpenAI API
 MAX_CHOICES = 128  # most `n` choices per prompt, as the OpenAI API
@@ -71,6 +78,11 @@ class Sampling:
     seed: int | None
     stop: list[str]  # the request's stop sequences: cut from the text, as the OpenAI API does
     ignore_eos: bool = False  # generate max_new_tokens whatever the model ends with (load tests)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: no logprobs; else how many most likely tokens each position lists
+    echo: bool = False  # the prompt precedes the completion (text, and logprobs when asked)
 
 
 @dataclass
@@ -80,39 +92,12 @@ class Job:
 
     prompt_ids: list[int]
     sampling: Sampling
+    prompt_text: str = ""  # what `echo` writes before the completion
     cancelled: threading.Event = field(default_factory=threading.Event)
     new_tokens: int = 0
     finish_reason: str | None = None
-
-
-class StopScanner:
-    """Cuts text at the first stop sequence; fed piece by piece, it holds back a tail that could still start one.
-
-    Streaming and non-streaming answers go through it, so both give the same text.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.text, self.sent, self.stopped = stops, "", 0, False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.text += piece
-        hits = [i for i in (self.text.find(stop, self.sent) for stop in self.stops) if i >= 0]
-        if hits:
-            end, self.stopped = min(hits), True
-        else:
-            held = max(
-                (k for stop in self.stops for k in range(1, len(stop)) if self.text.endswith(stop[:k])), default=0
-            )
-            end = len(self.text) - held
-        out, self.sent = self.text[self.sent:end], end
-        return out
-
-    def flush(self) -> str:
-        out = "" if self.stopped else self.text[self.sent:]
-        self.sent = len(self.text)
-        return out
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new token, when `sampling.logprobs` asks
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with echo and logprobs: one per prompt token
 
 
 class ModelServer:
@@ -141,6 +126,14 @@ class ModelServer:
         self.context_length = context_length(model)
         self.control_ids = control_token_ids(tokenizer, model)
         self.engine = BatchingEngine(model, tokenizer, max_batch_size=max_batch_size, skip_ids=self.control_ids)
+        self.logprob_format = LogprobFormat(tokenizer)
+        # A chat template that refuses (or drops) system messages gets them at the start of the first user turn.
+        self.fold_system = (
+            not self.combined and bool(tokenizer.chat_template) and not template_has_system_role(tokenizer)
+        )
+        if self.fold_system:
+            log.warning("the chat template has no system role: system messages (and --system) go at the start of "
+                        "the first user turn, as llama.cpp's server does")
 
     @property
     def generating(self) -> int:
@@ -166,7 +159,13 @@ class ModelServer:
                 raise APIError(400, f"messages.{i}.content: only assistant messages may have no content",
                                f"messages.{i}.content")
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-        return chat_prompt_ids(self.model, self.tokenizer, turns, self.system_prompt)
+        system = self.system_prompt
+        if self.fold_system:
+            turns, system = fold_system_turns(turns, system), None
+        try:
+            return chat_prompt_ids(self.model, self.tokenizer, turns, system)
+        except TemplateError as error:  # the template's own rule (raise_exception), e.g. roles must alternate
+            raise APIError(400, f"messages: the model's chat template refused them: {error}", "messages") from error
 
     def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """The token ids of each prompt of a completion request; ids must be in the vocabulary."""
@@ -201,25 +200,69 @@ class ModelServer:
         the field that `max_tokens` came from."""
         if request.n is not None and not 1 <= request.n <= MAX_CHOICES:
             raise APIError(400, f"n must be from 1 to {MAX_CHOICES}, got {request.n}", "n")
-        if max_tokens is not None and max_tokens < 1:
-            raise APIError(400, f"{option} must be at least 1, got {max_tokens}", option)
-        if max_tokens is not None and max_tokens > self.max_new_tokens_limit:
-            raise APIError(400, f"{option} is {max_tokens}, but this server allows at most "
-                           f"{self.max_new_tokens_limit} (--max-new-tokens-limit)", option)
-        try:
-            max_tokens = check_generation_length(
-                self.model, prompt_length, max_tokens, up_to=self.max_new_tokens_limit, option=option
-            )
-        except ContextLengthError as error:
-            prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
-            raise APIError(400, str(error), prompt_param if error.prompt_too_long else option,
-                           "context_length_exceeded") from error
+        echo = bool(getattr(request, "echo", False))
+        max_tokens = self._max_tokens(request, prompt_length, max_tokens, option, echo)
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         if len(stop) > MAX_STOP_SEQUENCES or not all(stop):
             raise APIError(400, f"stop: up to {MAX_STOP_SEQUENCES} non-empty strings (got {stop!r})", "stop")
         temperature = 1.0 if request.temperature is None else request.temperature
         top_p = 1.0 if request.top_p is None else request.top_p
-        return Sampling(max_tokens, temperature, top_p, request.seed, stop, bool(request.ignore_eos))
+        if top_p == 0:  # the smallest nucleus: the most likely token alone
+            temperature, top_p = 0.0, 1.0
+        if isinstance(request, ChatCompletionRequest):
+            logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        else:
+            logprobs = request.logprobs
+        return Sampling(
+            max_tokens, temperature, top_p, request.seed, stop, bool(request.ignore_eos),
+            logit_bias=self._logit_bias(request.logit_bias), presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0, logprobs=logprobs, echo=echo,
+        )
+
+    def _max_tokens(self, request: SamplingRequest, prompt_length: int, max_tokens: int | None, option: str,
+                    echo: bool) -> int:
+        """The checked number of tokens to generate: 0 only with `echo` (lm-evaluation-harness scores a prompt so)."""
+        prompt_param = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+        if max_tokens == 0 and echo:
+            if prompt_length > self.context_length:
+                raise APIError(400, f"This model's maximum context length is {self.context_length} tokens, but the "
+                               f"prompt is {prompt_length} tokens: shorten the prompt", prompt_param,
+                               "context_length_exceeded")
+            return 0
+        if max_tokens is not None and max_tokens < 1:
+            at_least = " (0 only with echo: true, to score the prompt)" if prompt_param == "prompt" else ""
+            raise APIError(400, f"{option} must be at least 1{at_least}, got {max_tokens}", option)
+        if max_tokens is not None and max_tokens > self.max_new_tokens_limit:
+            raise APIError(400, f"{option} is {max_tokens}, but this server allows at most "
+                           f"{self.max_new_tokens_limit} (--max-new-tokens-limit)", option)
+        try:
+            return check_generation_length(
+                self.model, prompt_length, max_tokens, up_to=self.max_new_tokens_limit, option=option
+            )
+        except ContextLengthError as error:
+            raise APIError(400, str(error), prompt_param if error.prompt_too_long else option,
+                           "context_length_exceeded") from error
+
+    def _logit_bias(self, bias: dict[str, Any] | None) -> dict[int, float]:
+        """OpenAI's logit_bias (token id strings -> -100..100) as token ids -> values; a 400 naming it otherwise."""
+        checked, vocabulary = {}, len(self.tokenizer)
+        for key, value in (bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id (an integer as a string)",
+                               "logit_bias") from None
+            if not 0 <= token < vocabulary:
+                raise APIError(400, f"logit_bias: token id {token} is not in the vocabulary (0 to {vocabulary - 1})",
+                               "logit_bias")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise APIError(400, f"logit_bias: the bias of {key} must be a number, got {json.dumps(value)}",
+                               "logit_bias")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias: the bias of {key} must be from -100 to 100, got {value}",
+                               "logit_bias")
+            checked[token] = float(value)
+        return checked
 
     # -- generation (the engine's thread; call these on the event loop) --
 
@@ -228,11 +271,15 @@ class ModelServer:
         0 is greedy; sampling uses the job's seed (a random one when None) in its own generator, so a seed gives the
         same text whatever else runs. The model's own stop strings end it unless `ignore_eos`."""
         sampling = job.sampling
+        # max_tokens 0 (echo) scores the prompt: the engine's prefill does that, with logprobs or not.
+        scores_prompt = sampling.echo and (sampling.logprobs is not None or sampling.max_new_tokens == 0)
         request = GenerationRequest(
             job.prompt_ids, sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             seed=sampling.seed,
             stop=(sampling.stop if sampling.ignore_eos else self.stop_strings + sampling.stop),
-            ignore_eos=sampling.ignore_eos, cancelled=job.cancelled,
+            ignore_eos=sampling.ignore_eos, cancelled=job.cancelled, logit_bias=sampling.logit_bias,
+            presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
+            logprobs=sampling.logprobs, prompt_logprobs=(sampling.logprobs or 0) if scores_prompt else None,
         )
         return self.engine.submit(request, loop=asyncio.get_running_loop())
 
@@ -244,6 +291,7 @@ class ModelServer:
             async for ids in generation:
                 job.new_tokens += len(ids)
             job.finish_reason = generation.finish_reason
+            job.logprobs, job.prompt_logprobs = generation.logprobs, generation.prompt_logprobs
             return generation.token_ids
 
         return asyncio.ensure_future(collect())
@@ -264,50 +312,10 @@ class ModelServer:
 # ---- the app ----------------------------------------------------------------------------------------------------
 
 
-class RequestLog:
-    """ASGI middleware: one log line per request once its response has ended (a stream included): method, path,
-    status, prompt and completion tokens (what the handler put in `request.state`; `-` when none) and seconds.
-    A client gone before the end is logged with status 499, as nginx does.
-
-    Plain ASGI because an `@app.middleware("http")` function returns when a stream starts, before its tokens are
-    known, and sees neither the disconnect nor the end of the body.
-    """
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        started, status, ended, gone = time.monotonic(), 500, False, False
-        state = scope.setdefault("state", {})  # what `request.state` reads and writes
-
-        async def receiving() -> dict:
-            nonlocal gone
-            message = await receive()
-            gone = gone or (message["type"] == "http.disconnect" and not ended)
-            return message
-
-        async def sending(message: dict) -> None:
-            nonlocal status, ended
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                ended = True
-            await send(message)
-
-        try:
-            await self.app(scope, receiving, sending)
-        finally:
-            log.info(
-                "%s %s %d prompt_tokens=%s completion_tokens=%s %.2fs", scope["method"], scope["path"],
-                499 if gone else status, state.get("prompt_tokens", "-"), state.get("completion_tokens", "-"),
-                time.monotonic() - started,
-            )
-
-
-def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
+def create_app(server: ModelServer, api_key: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app serving `server`; with `api_key`, the `/v1` routes need `Authorization: Bearer KEY`.
+    `allowed_origins` (e.g. `["https://page.example"]`, or `["*"]`) lets browser pages from those origins call it
+    (CORS, Starlette's `CORSMiddleware`; preflights need no key); none: no CORS headers, as before.
     Logs one line per request to the `llm_modules.serving` logger at INFO (`RequestLog`)."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -315,6 +323,9 @@ def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
         await asyncio.to_thread(server.close)  # after the current step; what still runs ends "cancelled"
 
     app = FastAPI(title="llm-modules", description="OpenAI-compatible API", lifespan=lifespan)
+    if allowed_origins:
+        # Added before RequestLog, so that RequestLog (the outer one) logs preflights too.
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(RequestLog)
     app.include_router(chat_page.router)  # the chat page at /
 
@@ -364,9 +375,7 @@ def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
-        for name in ("tools", "functions"):
-            if getattr(body, name):
-                raise APIError(400, f"{name}: tool and function calling are not supported by this server", name)
+        check_supported(body)
         prompt_ids = await asyncio.to_thread(server.chat_prompt, body.messages)
         if body.max_completion_tokens is not None:
             return await respond(server, request, body, [prompt_ids], body.max_completion_tokens,
@@ -376,26 +385,33 @@ def create_app(server: ModelServer, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
+        check_supported(body)
         prompts = await asyncio.to_thread(server.completion_prompts, body.prompt)
-        return await respond(server, request, body, prompts, body.max_tokens, "max_tokens", chat=False)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.echo and not all(isinstance(text, str) for text in texts):  # token ids: echo their text
+            texts = [server.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+        return await respond(server, request, body, prompts, body.max_tokens, "max_tokens", chat=False,
+                             prompt_texts=texts if body.echo else None)
 
     return app
 
 
 async def respond(
     server: ModelServer, request: Request, body: SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
-    option: str, chat: bool,
+    option: str, chat: bool, prompt_texts: list[str] | None = None,
 ) -> dict[str, Any] | StreamingResponse:
     """The completion of one checked request, `n` choices per prompt (prompt by prompt, `index` in that order): a
-    JSON body, or a stream of server-sent events. `option` names the field `max_tokens` came from."""
+    JSON body, or a stream of server-sent events. `option` names the field `max_tokens` came from; `prompt_texts`
+    (one per prompt) are echoed before the completions when given."""
     request.state.prompt_tokens = sum(len(ids) for ids in prompts)  # for the log line
     jobs = []
-    for ids in prompts:
+    for p, ids in enumerate(prompts):
         sampling = server.sampling(body, len(ids), max_tokens, option)
         for choice in range(body.n or 1):
             # Each choice of a seeded request draws from its own seed: the first from the seed, so n=1 is unchanged.
             seed = None if sampling.seed is None else _nth_seed(sampling.seed, choice)
-            jobs.append(Job(ids, Sampling(**{**sampling.__dict__, "seed": seed})))
+            jobs.append(Job(ids, Sampling(**{**sampling.__dict__, "seed": seed}),
+                            prompt_text=prompt_texts[p] if prompt_texts else ""))
     completion_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -409,24 +425,63 @@ async def respond(
         watcher.cancel()
         stop(jobs)
         request.state.completion_tokens = sum(job.new_tokens for job in jobs)
-    choices = []
-    for index, (job, new_ids) in enumerate(zip(jobs, results)):
-        scanner = StopScanner(job.sampling.stop)
-        text = scanner.feed(server.decode(new_ids)) + scanner.flush()
-        choice: dict[str, Any] = {"index": index, "finish_reason": server.finish_reason(job, scanner), "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        choices.append(choice)
     return {
         "id": completion_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": server.name,
-        "choices": choices,
+        "choices": [choice_body(server, i, job, ids, chat) for i, (job, ids) in enumerate(zip(jobs, results))],
         "usage": usage(request.state.prompt_tokens, request.state.completion_tokens),
     }
+
+
+def choice_body(server: ModelServer, index: int, job: Job, new_ids: list[int], chat: bool) -> dict[str, Any]:
+    """One choice of a non-streaming answer, with its logprobs when the request asked for them."""
+    scanner = StopScanner(job.sampling.stop)
+    text = scanner.feed(server.decode(new_ids)) + scanner.flush()
+    choice: dict[str, Any] = {"index": index, "finish_reason": server.finish_reason(job, scanner), "logprobs": None}
+    asked = job.sampling.logprobs is not None
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+        if asked:
+            choice["logprobs"] = server.logprob_format.chat(job.logprobs)
+        return choice
+    choice["text"] = job.prompt_text + text
+    if asked:
+        entries, tokens = job.logprobs, new_ids
+        if job.sampling.echo:
+            entries, tokens = job.prompt_logprobs + entries, job.prompt_ids + tokens
+        choice["logprobs"] = server.logprob_format.completion(entries, tokens, 0)
+    return choice
+
+
+class StreamLogprobs:
+    """A streamed choice's logprobs not sent yet, for its next chunk (the stop scanner may hold text back, so a
+    chunk can carry the logprobs of several tokens); None when the request did not ask for logprobs."""
+
+    def __init__(self, server: ModelServer, job: Job, generation: Generation, chat: bool):
+        self.format, self.job, self.generation, self.chat = server.logprob_format, job, generation, chat
+        self.sent = self.offset = 0  # entries sent; characters of the token texts sent (completions' text_offset)
+
+    def prompt(self) -> dict[str, Any] | None:
+        """The echoed prompt's logprobs (completions)."""
+        if self.job.sampling.logprobs is None:
+            return None
+        self.offset = self.format.length(self.job.prompt_ids)
+        return self.format.completion(self.generation.prompt_logprobs or [], self.job.prompt_ids, 0)
+
+    def take(self) -> dict[str, Any] | None:
+        if self.job.sampling.logprobs is None:
+            return None
+        # The engine thread may be a token ahead: take the entries whose tokens are recorded too.
+        end = min(len(self.generation.logprobs), len(self.generation.token_ids))
+        entries, tokens = self.generation.logprobs[self.sent:end], self.generation.token_ids[self.sent:end]
+        self.sent = end
+        if self.chat:
+            return self.format.chat(entries)
+        formatted = self.format.completion(entries, tokens, self.offset)
+        self.offset += self.format.length(tokens)
+        return formatted
 
 
 def _nth_seed(seed: int, choice: int) -> int:
@@ -458,7 +513,8 @@ async def stream_events(
     server: ModelServer, request: Request, jobs: list[Job], completion_id: str, chat: bool, include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in the OpenAI chunk format, ending with `data: [DONE]`: the jobs generate at once (as the
-    engine's batch allows), and their choices are streamed one after the other."""
+    engine's batch allows), and their choices are streamed one after the other. An echoed prompt is a choice's
+    first chunk; logprobs ride on the chunks of their tokens' text."""
     created = int(time.time())
 
     def chunk(choices: list[dict], **extra: Any) -> str:
@@ -466,26 +522,33 @@ async def stream_events(
                 "created": created, "model": server.name, "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    def piece(index: int, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> str:
+    def piece(index: int, text: str | None = None, finish_reason: str | None = None, role: bool = False,
+              logprobs: dict | None = None) -> str:
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            return chunk([{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
-        return chunk([{"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}])
+            return chunk([{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}])
+        return chunk([{"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}])
 
     generations = [server.start(job) for job in jobs]  # all generate at once (as the batch allows)
     try:
         for index, (job, generation) in enumerate(zip(jobs, generations)):
             scanner, pieces = StopScanner(job.sampling.stop), server.text_pieces()
+            logprobs, echoed = StreamLogprobs(server, job, generation, chat), not job.sampling.echo
             if chat:
                 yield piece(index, role=True)
             async for ids in generation:
+                if not echoed:  # after the prefill, which scored the prompt
+                    yield piece(index, job.prompt_text, logprobs=logprobs.prompt())
+                    echoed = True
                 job.new_tokens += len(ids)
                 if text := scanner.feed(pieces.feed(ids)):
-                    yield piece(index, text)
+                    yield piece(index, text, logprobs=logprobs.take())
             job.finish_reason = generation.finish_reason
+            if not echoed:
+                yield piece(index, job.prompt_text, logprobs=logprobs.prompt())
             if text := scanner.feed(pieces.finish()) + scanner.flush():
-                yield piece(index, text)
-            yield piece(index, finish_reason=server.finish_reason(job, scanner))
+                yield piece(index, text, logprobs=logprobs.take())
+            yield piece(index, finish_reason=server.finish_reason(job, scanner), logprobs=logprobs.take())
         if include_usage:
             yield chunk([], usage=usage(request.state.prompt_tokens, sum(job.new_tokens for job in jobs)))
     except Exception as error:  # headers are sent: report in the stream, as the OpenAI API does
@@ -512,12 +575,14 @@ def load_model(
 
 
 def serve(
-    server: ModelServer, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, quiet: bool = False
+    server: ModelServer, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, quiet: bool = False,
+    allowed_origins: list[str] | None = None,
 ) -> None:
     """Run the server until interrupted. It logs one line per request (`RequestLog`) to stderr, as uvicorn logs;
-    `quiet` leaves only warnings and errors. Uvicorn's own access log is off: it would log each request twice."""
+    `quiet` leaves only warnings and errors. Uvicorn's own access log is off: it would log each request twice.
+    `allowed_origins`: the browser origins allowed to call it (CORS; `create_app`)."""
     logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     level = "WARNING" if quiet else "INFO"
     logging_config["loggers"][log.name] = {"handlers": ["default"], "level": level, "propagate": False}
-    uvicorn.run(create_app(server, api_key), host=host, port=port, log_config=logging_config,
+    uvicorn.run(create_app(server, api_key, allowed_origins), host=host, port=port, log_config=logging_config,
                 log_level=level.lower(), access_log=False)

@@ -14,7 +14,10 @@ left-padded to one length; the 2D attention mask keeps the padding out of every 
 row from the mask, so a row's logits are those it would have alone (up to the float rounding of batched kernels).
 
 Each request samples with its own settings and its own `torch.Generator`: a greedy request gets the tokens
-`generate` gives it, and a seeded one the same tokens whatever runs beside it.
+`generate` gives it, and a seeded one the same tokens whatever runs beside it. A request's logit bias and penalties
+are its row's own processors (`sampling.py`); rows without them cost nothing more. A request may ask for the
+log-probabilities of its tokens, and of its prompt's (the prefill then keeps every position's logits); one with
+`max_new_tokens` 0 only scores its prompt.
 
 Callers get a request's tokens through its `Generation`: iterate it in a thread, or `async for` it on the event loop
 it was submitted with (`submit(request, loop=...)`).
@@ -49,6 +52,7 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..modeling import LLMModulesCache, LLMModulesForCausalLM, extend_causal_tables
+from .sampling import TokenLogprob, prompt_logprobs, request_processors, token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class GenerationRequest:
     """What to generate for one prompt.
 
     prompt_ids: the prompt's token ids (at least one).
-    max_new_tokens: most tokens to generate (at least 1).
+    max_new_tokens: most tokens to generate (at least 1; 0 with `prompt_logprobs`: score the prompt only).
     temperature: 0 = greedy (argmax); above 0, sample from softmax(logits / temperature).
     top_p: nucleus sampling's probability mass (1 = off); only when sampling.
     seed: the seed of this request's own `torch.Generator` (None: a random one); only when sampling.
@@ -72,6 +76,12 @@ class GenerationRequest:
     ignore_eos: generate past EOS tokens, up to `max_new_tokens` (load tests); `stop` strings still end it.
     cancelled: set it from any thread to stop the request: a queued one never starts, a running one leaves the batch
         at the next step with finish reason "cancelled".
+    logit_bias: token id -> value added to its logit at every step (OpenAI's logit_bias).
+    presence_penalty, frequency_penalty: OpenAI's penalties on the generated tokens (`OpenAIPenaltyLogitsProcessor`).
+    logprobs: None, or record each new token's log-probability and the `logprobs` most likely tokens'
+        (`Generation.logprobs`).
+    prompt_logprobs: None, or record each prompt token's, with the `prompt_logprobs` most likely
+        (`Generation.prompt_logprobs`).
     """
 
     prompt_ids: Sequence[int]
@@ -82,6 +92,11 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 class Generation:
@@ -91,7 +106,8 @@ class Generation:
     item is a list of new token ids, until the generation ends. Then `finish_reason` is "stop" (EOS or a stop
     string), "length" (`max_new_tokens`), "cancelled" or "error", and `token_ids` holds every new id (EOS included,
     as `generate` returns it). The error of a failed model call (e.g. out of memory) is raised by the iteration;
-    the engine goes on with the next requests.
+    the engine goes on with the next requests. `logprobs` (when the request asks) has one entry per new token, written
+    before the token is delivered; `prompt_logprobs` one per prompt token (None for the first), before the first.
     """
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None):
@@ -99,6 +115,8 @@ class Generation:
         self.token_ids: list[int] = []  # written by the engine thread only
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._loop = loop
         self._events: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
 
@@ -156,6 +174,7 @@ class _Row:
 
     generation: Generation
     warpers: LogitsProcessorList  # temperature and top-p; rows with the same `sampling` share one batched call
+    processors: LogitsProcessorList | None  # logit bias and penalties, this row's alone; None: none asked
     sampling: tuple[float, float] | None  # (temperature, top_p); None = greedy
     generator: torch.Generator | None
     stop_window: int  # how many of the last tokens hold any stop string (0: no stop strings)
@@ -243,8 +262,8 @@ class BatchingEngine:
         out of range, stop strings without a tokenizer)."""
         if not request.prompt_ids:
             raise ValueError("prompt_ids is empty")
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if request.max_new_tokens < (0 if request.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_new_tokens must be at least 1 (0 to score a prompt), got {request.max_new_tokens}")
         if request.temperature < 0 or not 0 < request.top_p <= 1:
             raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {request.temperature}, "
                              f"{request.top_p}")
@@ -334,10 +353,15 @@ class BatchingEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
         started = time.monotonic()
+        scoring = any(g.request.prompt_logprobs is not None for g in admitted)
         try:
-            logits = self._forward(ids, mask, positions, cache)
-            rows = [self._new_row(g, logits.device) for g in admitted]
-            tokens = self._sample(rows, logits)
+            logits = self._forward(ids, mask, positions, cache, 0 if scoring else 1)
+            if scoring:
+                self._score_prompts(admitted, prompts, logits)
+            # Requests that only score their prompt end here; the others join the batch.
+            keep = [i for i, g in enumerate(admitted) if g.request.max_new_tokens > 0]
+            rows = [self._new_row(admitted[i], logits.device) for i in keep]
+            tokens = self._sample(rows, logits[keep, -1].float()) if keep else None
             self._prefill_s = time.monotonic() - started
         except Exception as error:
             log.exception("prefill failed")
@@ -346,8 +370,28 @@ class BatchingEngine:
             for generation in admitted:
                 generation._finish("error", error)
             return
+        for generation in admitted:
+            if generation.request.max_new_tokens == 0:
+                generation._finish("length")
+        if not keep:
+            with self._lock:
+                self._prefilling = 0
+            return
+        if len(keep) < len(admitted):
+            index = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
         self._join(rows, cache, mask, tokens)
         self._record(range(len(self._rows) - len(rows), len(self._rows)), tokens)
+
+    @staticmethod
+    def _score_prompts(admitted: list[Generation], prompts: list[list[int]], logits: torch.Tensor) -> None:
+        """Give the requests that ask for it their prompt's log-probabilities; `logits` `[rows, length, vocab]` of
+        the left-padded prompts."""
+        length = logits.shape[1]
+        for generation, prompt, row in zip(admitted, prompts, logits):
+            if (k := generation.request.prompt_logprobs) is not None:
+                generation.prompt_logprobs = prompt_logprobs(row[length - len(prompt):], prompt, k)
 
     def _step(self) -> None:
         """One token for every running row."""
@@ -359,7 +403,7 @@ class BatchingEngine:
         mask = F.pad(self._mask, (0, 1), value=1)
         positions = mask.sum(-1, keepdim=True) - 1  # each row's count of real tokens before the new one
         try:
-            logits = self._forward(self._last[:, None], mask, positions, self._cache)
+            logits = self._forward(self._last[:, None], mask, positions, self._cache)[:, -1].float()
             tokens = self._sample(self._rows, logits)
         except Exception as error:
             log.exception("decoding step failed")
@@ -368,15 +412,19 @@ class BatchingEngine:
         self._mask, self._last = mask, tokens
         self._record(range(len(self._rows)), tokens)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
-        """Next-token logits `[rows, vocab]` (float32) after `ids` `[rows, new]`; `mask` covers cache + new."""
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache, keep: int = 1
+    ) -> torch.Tensor:
+        """The logits `[rows, keep, vocab]` (the model's dtype) of the last `keep` positions (0: all) of `ids`
+        `[rows, new]`; `mask` covers cache + new."""
         if self._table_length is not None and self._table_length < mask.shape[1]:
             extend_causal_tables(self.model, mask.shape[1])
             self._table_length = _causal_table_length(self.model)
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+            logits_to_keep=keep,
         )
-        return out.logits[:, -1].float()
+        return out.logits
 
     def _new_cache(self) -> Cache:
         if self.combined:
@@ -403,24 +451,43 @@ class BatchingEngine:
         # A token decodes to at least one byte, and a character is at most 4 bytes: 4 tokens per character (+1 for a
         # partial character at the start) always hold a stop string that the newest token completed.
         stop_window = 4 * max(map(len, request.stop)) + 1 if request.stop else 0
-        return _Row(generation, warpers, sampling, generator, stop_window)
+        processors = request_processors(request.logit_bias, request.presence_penalty, request.frequency_penalty)
+        return _Row(generation, warpers, processors, sampling, generator, stop_window)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-        """Each row's next token `[rows]`: argmax for greedy rows; for sampling rows their warpers (one call per
-        group of equal settings) and a draw from their own generator. The draw is written here because
-        `generate`'s sampling draws every row from torch's global generator, so a row's tokens would depend on
-        the rows beside it."""
-        tokens = logits.argmax(-1)
+        """Each row's next token `[rows]` from `logits` `[rows, vocab]` (float32): the row's own processors first
+        (bias, penalties), then argmax for greedy rows; for sampling rows their warpers (one call per group of equal
+        settings) and a draw from their own generator. The draw is written here because `generate`'s sampling draws
+        every row from torch's global generator, so a row's tokens would depend on the rows beside it. Rows that ask
+        for logprobs get them recorded (of the raw `logits`)."""
+        scores = self._processed(rows, logits)
+        tokens = scores.argmax(-1)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(rows):
             if row.sampling is not None:
                 groups.setdefault(row.sampling, []).append(i)
         for indices in groups.values():
-            scores = rows[indices[0]].warpers(None, logits[indices])
-            probabilities = scores.softmax(-1)
+            warped = rows[indices[0]].warpers(None, scores[indices])
+            probabilities = warped.softmax(-1)
             for j, i in enumerate(indices):
                 tokens[i] = torch.multinomial(probabilities[j : j + 1], 1, generator=rows[i].generator)[0, 0]
+        for i, row in enumerate(rows):
+            if (k := row.generation.request.logprobs) is not None:
+                row.generation.logprobs.append(token_logprob(logits[i], int(tokens[i]), k))
         return tokens
+
+    @staticmethod
+    def _processed(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """`logits` after each row's processors, which see the row's generated tokens (a copy; `logits` itself
+        when no row has any)."""
+        if all(row.processors is None for row in rows):
+            return logits
+        scores = logits.clone()
+        for i, row in enumerate(rows):
+            if row.processors is not None:
+                generated = torch.tensor([row.generation.token_ids], dtype=torch.long, device=logits.device)
+                scores[i] = row.processors(generated, logits[i : i + 1])[0]
+        return scores
 
     def _join(self, rows: list[_Row], cache: Cache, mask: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append prefilled rows to the running batch, left-padding the shorter side to the longer length.
