@@ -105,3 +105,39 @@ def test_a_data_file_that_cannot_be_read_is_bad_input_in_every_command(command, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err == f"llm-modules {command}: error: {broken}: not valid JSON (line 1, column 21: Expecting value)\n"
+
+
+def handlers():
+    """(command words, handler function) of every command that runs something."""
+    import argparse
+
+    from llm_modules.cli import build_parser
+
+    def walk(parser, words):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*words, name))
+        if parser.get_default("handler") is not None:
+            yield words, parser.get_default("handler")
+
+    return list(walk(build_parser(), ()))
+
+
+@pytest.mark.parametrize("words, handler", handlers(), ids=lambda x: " ".join(x) if isinstance(x, tuple) else "")
+@pytest.mark.parametrize("error", [ValueError("the value broke"), ImportError("a module is missing"), RuntimeError()])
+def test_an_unexpected_failure_is_one_line_without_a_class_name_in_every_command(words, handler, error, capsys,
+                                                                              monkeypatch):
+    import sys
+
+    def failing(args):
+        raise error
+
+    monkeypatch.setattr(sys.modules[handler.__module__], handler.__name__, failing)
+    argv = list(words)
+    if words[0] in COMMANDS:  # its required flags, with any value: the handler never reads them
+        argv = [arg if "{" not in arg else "x" for arg in COMMANDS[words[0]]]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"llm-modules {words[0]}: error: ")
+    assert type(error).__name__ not in err and "(--debug shows the traceback)" in err

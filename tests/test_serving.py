@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -499,3 +500,25 @@ def test_n_choices_and_ignore_eos(local_model, tiny_pair, one_thread):
         for ignore_eos, tokens, reason in ((False, 1, "stop"), (True, 5, "length")):
             reply = http.post("/v1/completions", json={**body, "ignore_eos": ignore_eos}).json()
             assert (reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"]) == (tokens, reason)
+
+
+def test_ctrl_c_stops_the_server_with_exit_code_130(tiny_pair):
+    """README's exit codes: an interrupted command exits 130, `serve` too (uvicorn itself returns normally)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "llm_modules.cli", "serve", "--model", str(tiny_pair[0]), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
+        time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.rstrip().endswith("interrupted")

@@ -229,10 +229,14 @@ def test_only_complete_checkpoints_are_resumed_from(tmp_path, caplog):
         directory.mkdir()
         if complete:
             (directory / COMPLETE_MARKER).write_text("{}")
-    assert checkpoint_to_resume(tmp_path).name == "checkpoint-4"
-    with caplog.at_level("WARNING", logger="llm_modules"):
+            (directory / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 6}))
+    with caplog.at_level("INFO", logger="llm_modules"):
+        assert checkpoint_to_resume(tmp_path).name == "checkpoint-4"
         assert checkpoint_to_resume(tmp_path / "elsewhere") is None
-    assert caplog.messages == [f"--resume: no complete checkpoint in {tmp_path / 'elsewhere'}: starting from step 0"]
+    assert caplog.messages == [
+        "resuming from checkpoint-4 (step 4 of 6)",  # a resumed run says so
+        f"--resume: no complete checkpoint in {tmp_path / 'elsewhere'}: starting from step 0",
+    ]
 
 
 class CrashMidSave(Exception):

@@ -502,6 +502,8 @@ def checkpoint_to_resume(output_dir: str | os.PathLike) -> Path | None:
     if not found:
         logger.warning(f"--resume: no complete checkpoint in {output_dir}: starting from step 0")
         return None
+    state = json.loads((found[-1] / "trainer_state.json").read_text())  # transformers' TrainerState, as saved
+    logger.info(f"resuming from {found[-1].name} (step {state['global_step']} of {state['max_steps']})")
     return found[-1]
 
 

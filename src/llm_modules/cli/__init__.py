@@ -119,7 +119,7 @@ def describe_error(error: Exception) -> tuple[int, str]:
     from ..sources import ModelSourceError
 
     text = str(error).strip()
-    first_line = text.splitlines()[0] if text else type(error).__name__
+    first_line = text.splitlines()[0] if text else "an unexpected error with no message"
     # Bad data files are bad input in every command that reads rows (train, eval). The data module is looked up, not
     # imported: when it never loaded, the error cannot be one of its own (and importing it might be what failed).
     data = sys.modules.get("llm_modules.data")
@@ -134,7 +134,8 @@ def describe_error(error: Exception) -> tuple[int, str]:
     # transformers re-raises the hub's "no such repo/file" (and "offline, not cached") as a plain OSError from it.
     if isinstance(error, missing) or isinstance(error.__cause__, missing):
         return EXIT_NOT_FOUND, first_line
-    return EXIT_FAILURE, f"{type(error).__name__}: {first_line}"
+    # No class names: they mean nothing to a user, and --debug gives the traceback to whoever needs it.
+    return EXIT_FAILURE, f"{first_line} (--debug shows the traceback)"
 
 
 __all__ = ["UsageError", "build_parser", "describe_error", "int_at_least", "main", "version_line"]

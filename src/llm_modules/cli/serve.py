@@ -35,7 +35,8 @@ def add_serve(subparsers) -> None:
         "bounds memory (--max-concurrency is the old name)",
     )
     parser.add_argument("--max-new-tokens-limit", type=int_at_least(1), default=2048, help="largest max_tokens allowed")
-    parser.add_argument("--system", help="system prompt for chats that bring none (default: the Bespoke-Stratos one)")
+    parser.add_argument("--system", help="system prompt for chats that bring none (default: the one the model was "
+                        "trained with when all its rows shared one, else the Bespoke-Stratos one)")
     parser.add_argument(
         "--allowed-origins", nargs="+", metavar="ORIGIN", default=None,
         help="browser origins allowed to call the API from their pages (CORS), e.g. https://app.example, or '*' "

@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data import STOP_STRINGS
+from ..data import STOP_STRINGS, tokenize_prompt
 from ..generation import (
     AnswerTextPieces,
     ContextLengthError,
@@ -170,11 +171,11 @@ class ModelServer:
     def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         """The token ids of each prompt of a completion request; ids must be in the vocabulary."""
         if isinstance(prompt, str):
-            prompts = [self.tokenizer(prompt)["input_ids"]]
+            prompts = [tokenize_prompt(self.tokenizer, prompt)["input_ids"]]
         elif not prompt:
             raise APIError(400, "prompt: an empty list", "prompt")
         elif isinstance(prompt[0], str):
-            prompts = self.tokenizer(prompt)["input_ids"]
+            prompts = tokenize_prompt(self.tokenizer, prompt)["input_ids"]
         elif isinstance(prompt[0], int):
             prompts = [prompt]
         else:
@@ -578,11 +579,28 @@ def serve(
     server: ModelServer, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, quiet: bool = False,
     allowed_origins: list[str] | None = None,
 ) -> None:
-    """Run the server until interrupted. It logs one line per request (`RequestLog`) to stderr, as uvicorn logs;
+    """Run the server until stopped. It logs one line per request (`RequestLog`) to stderr, as uvicorn logs;
     `quiet` leaves only warnings and errors. Uvicorn's own access log is off: it would log each request twice.
-    `allowed_origins`: the browser origins allowed to call it (CORS; `create_app`)."""
+    `allowed_origins`: the browser origins allowed to call it (CORS; `create_app`).
+
+    Raises `KeyboardInterrupt` after a graceful shutdown on Ctrl-C (SIGINT), so the command exits 130 as every other
+    interrupted command does (uvicorn returns normally); SIGTERM returns normally."""
     logging_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     level = "WARNING" if quiet else "INFO"
     logging_config["loggers"][log.name] = {"handlers": ["default"], "level": level, "propagate": False}
-    uvicorn.run(create_app(server, api_key, allowed_origins), host=host, port=port, log_config=logging_config,
-                log_level=level.lower(), access_log=False)
+    config = uvicorn.Config(create_app(server, api_key, allowed_origins), host=host, port=port,
+                            log_config=logging_config, log_level=level.lower(), access_log=False)
+    runner = _InterruptibleServer(config)
+    runner.run()
+    if runner.interrupted:
+        raise KeyboardInterrupt
+
+
+class _InterruptibleServer(uvicorn.Server):
+    """uvicorn's server, remembering whether Ctrl-C stopped it."""
+
+    interrupted = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.interrupted = self.interrupted or sig == signal.SIGINT
+        super().handle_exit(sig, frame)
