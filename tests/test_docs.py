@@ -68,6 +68,21 @@ def test_training_page_command_runs_on_the_sample(tiny_pair, tmp_path, monkeypat
     assert main(set_flag(swap(generate[1:], replacements), "--max-new-tokens", "4")) == 0
 
 
+def test_readme_links_reach_docs_pages_and_their_headings():
+    """README is outside the site, so mkdocs does not check its links: every relative link names a file that exists,
+    and an anchor names a heading of that page (GitHub's ids, which mkdocs.yml gives the site too)."""
+    from pymdownx.slugs import slugify
+
+    slug = slugify(case="lower")
+    links = re.findall(r"\]\((?!https?:)([^)#]+)(?:#([^)]+))?\)", (ROOT / "README.md").read_text())
+    assert len(links) > 10
+    for path, anchor in links:
+        assert (ROOT / path).exists(), path
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", (ROOT / path).read_text(), re.M)
+            assert anchor in {slug(h, "-") for h in headings}, (path, anchor)
+
+
 def test_docs_build_strict(tmp_path):
     """`mkdocs build --strict` as CI runs it: the docs packages come with the test extra, so a missing one fails."""
     site = tmp_path / "site"
