@@ -1,4 +1,4 @@
-"""The demo over several seeds, as README reports it: mean (min-max) of each system's scores.
+"""The demo over several seeds, as the docs report it: mean (min-max) of each system's scores.
 
     for s in 0 1 2; do llm-modules demo --seed $s --output-dir demo-$s; done   # or --task two-sources, or --real
     python benchmarks/demo_seeds.py demo-0 demo-1 demo-2 [--no-times]

@@ -1,4 +1,4 @@
-"""Peak memory of composing a real pair with the frozen model in each precision (README, Performance).
+"""Peak memory of composing a real pair with the frozen model in each precision (docs/performance.md).
 
 Each precision runs in a fresh process (peak RSS is per process): `LLMModulesForCausalLM.from_large_and_small` from
 the dirs (load path included: reading, casting, quantizing), then one forward over 64 tokens; the child prints its

@@ -1,4 +1,4 @@
-"""What a cheaper frozen model costs in quality, on real weights and real text (README, Performance).
+"""What a cheaper frozen model costs in quality, on real weights and real text (docs/performance.md).
 
 1. The frozen model alone (a plain causal LM, e.g. the packaged Qwen2.5-Coder-1.5B-Instruct) in float32, bfloat16,
    fp16 and int8 (`llm_modules.quantization`): next-token argmax agreement with float32 and perplexity, teacher-forced,
@@ -87,7 +87,10 @@ def stratos_row(problem: dict) -> dict:
 
 
 def readme_paragraphs(count: int) -> list[str]:
-    blocks = [b.strip() for b in (REPO / "README.md").read_text().split("\n\n")]
+    """Prose paragraphs of README.md, then of the docs pages (the measured table in docs/performance.md read README.md
+    when it still held all of the documentation)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    blocks = [b.strip() for page in pages for b in page.read_text().split("\n\n")]
     prose = [b for b in blocks if len(b) > 300 and not b.startswith(("|", "```", "#", "    "))]
     return prose[:count]
 

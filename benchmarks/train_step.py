@@ -1,4 +1,4 @@
-"""Same as `llm-modules bench train` (options: --help); README's Performance section shows the command and its table.
+"""Same as `llm-modules bench train` (options: --help); docs/performance.md shows the command and its table.
 
 The code lives in llm_modules.benchmarking, so the installed command and this script measure the same thing.
 """

@@ -1,6 +1,6 @@
 """The benchmark code paths on tiny configs: result and table shapes, cached == recompute tokens; memory options.
 
-No timing assertions: speed goals live in benchmarks/ (README, Performance); these tests only check that the
+No timing assertions: speed goals live in benchmarks/ (docs/performance.md); these tests only check that the
 benchmarks measure what they say and report it in the documented shape.
 """
 

@@ -34,7 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # a serv
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 MODEL = "tiny-chat"
 KEY = "page-key"
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "chat-page.png"  # README's, with LLM_MODULES_SAVE_SCREENSHOT=1
+# docs/serving.md's screenshot, remade with LLM_MODULES_SAVE_SCREENSHOT=1
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "chat-page.png"
 
 
 @contextmanager

@@ -1,8 +1,8 @@
 """`llm-modules demo --task two-sources`: each source reads half of the facts; the systems' wiring on tiny settings.
 
-The accuracy targets need the full run (minutes of pretraining); README's table comes from `llm-modules demo --task
-two-sources --seed S`. Here: what each source reads, the per-attribute scores, and that every system composes the
-sources it names (and only those) through the library's own model.
+The accuracy targets need the full run (minutes of pretraining); docs/composition.md's table comes from `llm-modules
+demo --task two-sources --seed S`. Here: what each source reads, the per-attribute scores, and that every system
+composes the sources it names (and only those) through the library's own model.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_the_sources_split_the_attributes_and_each_reads_only_its_half():
 
 def test_every_combined_system_reads_its_sources():
     assert set(COMBINED) < set(SYSTEMS)
-    assert COMBINED["combined_ab"][1]["source_fusion"] == "separate"  # the measured default (README)
+    assert COMBINED["combined_ab"][1]["source_fusion"] == "separate"  # the measured default (docs/composition.md)
     assert {k for name in ("combined_a", "combined_b") for k in COMBINED[name][0]} == {"a", "b"}
 
 

@@ -1,7 +1,7 @@
 """The frozen model in int8 / fp16 on the CPU (quantization.py) and the precision benchmark (benchmarking/precision.py).
 
 Tiny random models: these check the wiring and the numerics of the swapped layers; the quality on real weights is
-measured by benchmarks/precision_quality.py (README, Performance).
+measured by benchmarks/precision_quality.py (docs/performance.md).
 """
 
 from __future__ import annotations

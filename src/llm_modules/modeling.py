@@ -134,7 +134,7 @@ class LLMModulesForCausalLM(CheckpointMixin, LLMModulesPreTrainedModel, Generati
         self.sources.eval()
         # The small model reads the bridge output, never its own token embeddings: free them (GPT-Neo-125M: 38.6M
         # parameters, 147 MiB in fp32, which the paper's code even trains; freeing them keeps the real-size training
-        # step under 10 GiB, README Performance). An empty table stays in their place, so the module tree and
+        # step under 10 GiB, docs/performance.md). An empty table stays in their place, so the module tree and
         # `get_input_embeddings()` are what transformers expects.
         unused = self.small.get_input_embeddings()
         empty = nn.Embedding(0, unused.embedding_dim, device=unused.weight.device, dtype=unused.weight.dtype)

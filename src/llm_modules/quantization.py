@@ -2,7 +2,7 @@
 `--large-quantization`).
 
 Decoding one token reads every weight of the frozen model once, so on a CPU its speed is set by the bytes per weight
-and by how fast the kernel turns them into float32 products. Measured here (README, Performance; AMD EPYC without
+and by how fast the kernel turns them into float32 products. Measured here (docs/performance.md; AMD EPYC without
 AVX512, one thread, a 1536x8960 product of one row): float32 6.0 ms; torch's bfloat16 4.9 ms (its bf16 kernel converts
 in software without AVX512-BF16, so it is bound by compute, not memory); PyTorch's dynamic quantization kernels
 (fbgemm, `torch.ao.nn.quantized.dynamic.Linear`) 3.7 ms with float16 weights and 1.2 ms with int8 weights; torchao

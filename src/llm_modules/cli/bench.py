@@ -11,7 +11,7 @@ def add_bench(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="speed and memory at real size (random weights): decoding and the training step",
-        description="Benchmarks measured side by side in one run, printed as tables (README, Performance). With no "
+        description="Benchmarks measured side by side in one run, printed as tables (docs/performance.md). With no "
         "--config: the paper's pair, Qwen2-1.5B + GPT-Neo-125M, built from its configs with random weights.",
     )
     kinds = parser.add_subparsers(dest="bench", required=True)
@@ -29,7 +29,7 @@ def add_bench(subparsers) -> None:
     )
     common.add_argument(
         "--threads", type=int_at_least(1), nargs="+",
-        help="torch CPU threads (README's numbers: 1); several values only with --precisions",
+        help="torch CPU threads (docs/performance.md's numbers: 1); several values only with --precisions",
     )
     common.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall",

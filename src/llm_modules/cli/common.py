@@ -22,7 +22,7 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-# Exit codes, the same in every command (README, "Exit codes").
+# Exit codes, the same in every command (docs/cli.md, "Exit codes").
 EXIT_FAILURE = 1  # something went wrong while running (a bug, a crash, out of memory)
 EXIT_USAGE = 2  # bad input: flags, values, config files, data rows under --strict (argparse uses 2 as well)
 EXIT_NOT_FOUND = 3  # a named file, directory or model is missing, or is not what it should be (not a model dir)
@@ -119,7 +119,7 @@ def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--large-quantization", choices=["int8", "fp16"],
-        help="the frozen model's linear layers on the CPU: int8 (fastest) or float16 weights (README, Performance)",
+        help="the frozen model's linear layers on the CPU: int8 (fastest) or float16 weights (docs/performance.md)",
     )
 
 

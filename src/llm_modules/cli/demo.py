@@ -31,7 +31,7 @@ def add_demo(subparsers) -> None:
         "--real", action="store_true",
         help="real weights instead of the synthetic world: Qwen2.5-Coder-1.5B-Instruct frozen + SmolLM2-135M-Instruct "
         "on generated 3-digit subtraction (fetched with `llm-modules fetch` when missing; 19-28 minutes on 2 CPU "
-        "cores, --quick about 11; README, 'The demo on real models')",
+        "cores, --quick about 11; docs/getting-started.md)",
     )
     parser.set_defaults(handler=run_demo)
 

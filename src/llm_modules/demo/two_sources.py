@@ -75,7 +75,7 @@ class TwoSourcesSettings(DemoSettings):
 
 # Twice the default demo's learning rates, for every trained system: at 3e-3 the two-source models had not fitted
 # their own training rows in 30 epochs (split A 0.87-0.92 on seed 0); 6e-3 fitted them in the same time, where 45
-# epochs would cost half as much time again (README, "Composition").
+# epochs would cost half as much time again (docs/composition.md).
 LEARNING_RATE = 6e-3
 # 50 epochs, not the default demo's 30: with both sources, reading the right one for each attribute is found late in
 # training, after a long plateau of the loss. On seed 1's sources, training seeds 11 and 21 reached 0.73 and 0.72 on
@@ -93,7 +93,7 @@ RELATIVE_TRAIN_COST = {
 }
 
 # `combined_ab_concat` is left out by default to keep the run within 20 minutes: it lost to a bridge per source
-# (`combined_ab`) on average over 3 seeds (README, "Composition"); pass `systems=tuple(SYSTEMS)` to measure it.
+# (`combined_ab`) on average over 3 seeds (docs/composition.md); pass `systems=tuple(SYSTEMS)` to measure it.
 DEFAULT_SYSTEMS = tuple(name for name in SYSTEMS if name != "combined_ab_concat")
 
 
@@ -278,7 +278,7 @@ def train_systems(
     progress bars. Yields (name, results row, log history) as each finishes.
 
     Why processes: like the sources, these models are too narrow (width 64-96) to keep a second thread busy; the
-    systems' side-by-side wall time is measured in README ("Composition")."""
+    systems' side-by-side wall time is measured in docs/composition.md."""
     threads = torch.get_num_threads()
     groups: dict[Any, list[str]] = {}
     for name in names:

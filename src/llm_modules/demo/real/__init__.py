@@ -45,7 +45,7 @@ def default_real_settings(quick: bool, seed: int) -> CompareSettings:
     it answered 28 of 30 held-out questions; 24 steps were too few), 60 held-out and 10 train questions.
     `--quick`: half the rows, 56 steps of 4, and no dropout in the bridge: in so few steps it only slows the fit
     (seed 1 with dropout 0.1: the loss stopped at 0.13 and 0.000 held-out, 805 s; with 0, seeds 0/1/2 reached
-    0.900/0.350/0.850 held-out in 607-638 s, README). 32 steps of 8 (seed 0) left the loss at 1.1."""
+    0.900/0.350/0.850 held-out in 607-638 s, docs/getting-started.md). 32 steps of 8 (seed 0) left the loss at 1.1."""
     from ...compare import CompareSettings, FitBudget, SystemOptions
 
     options = SystemOptions(native_max_new_tokens=24)
