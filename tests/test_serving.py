@@ -436,8 +436,10 @@ def test_answer_markers_stay_in_served_text(tiny_pair, one_thread):
 
 
 def test_serve_quiet_turns_the_request_log_off(model_dir, monkeypatch):
+    import uvicorn
+
     seen = {}
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.update(vars(self.config)))
     assert main(["serve", "--model", str(model_dir), "--quiet"]) == 0
     assert seen["log_config"]["loggers"]["llm_modules.serving"]["level"] == "WARNING"
     assert seen["access_log"] is False and seen["log_level"] == "warning"

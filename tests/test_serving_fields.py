@@ -241,8 +241,10 @@ def test_cors_only_for_allowed_origins(server, model_dir_for_cli, monkeypatch):
         models = http.get("/v1/models", headers={"Origin": "http://page.example"})
         assert "access-control-allow-origin" not in models.headers
 
+    import uvicorn
+
     seen = {}
-    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: seen.update(app=app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.update(app=self.config.app))
     assert main(["serve", "--model", str(model_dir_for_cli), "--api-key", "k",
                  "--allowed-origins", "http://page.example", "http://other.example"]) == 0
     with TestClient(seen["app"]) as http:
