@@ -42,17 +42,26 @@ def main(argv: list[str]) -> None:
     trainer = train(model, model.tokenizer, train_set, None, options)
     model = trainer.accelerator.unwrap_model(trainer.model)
     # Every rank takes part in the gathers; the frozen tensors are compared whole, as they were loaded.
-    identical = [name for name, tensor in model.sources.state_dict().items() if torch.equal(full(tensor), frozen[name])]
     frozen_params = list(model.sources.parameters())
-    optimized = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(frozen_params):  # ZeRO-3 partitions the frozen weights too
+            identical = [n for n, t in model.sources.state_dict().items() if torch.equal(t, frozen[n])]
+    else:
+        identical = [n for n, t in model.sources.state_dict().items() if torch.equal(full(t), frozen[n])]
+    # DeepSpeed's optimizer holds flat partitions of what it was given (the trained groups): checked elsewhere.
+    optimized = [] if trainer.is_deepspeed_enabled else [p for g in trainer.optimizer.param_groups for p in g["params"]]
     report = {
         "losses": {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log},
         "steps": trainer.state.global_step,
         "frozen_identical": len(identical) == len(frozen),
         "frozen_tensors": len(frozen),
         "frozen_without_grad": all(p.grad is None and not p.requires_grad for p in frozen_params),
-        "optimizer_trained_only": all(p.requires_grad for p in optimized)
-        and len(optimized) == sum(1 for p in model.parameters() if p.requires_grad),
+        "optimizer_trained_only": None if trainer.is_deepspeed_enabled else (
+            all(p.requires_grad for p in optimized)
+            and len(optimized) == sum(1 for p in model.parameters() if p.requires_grad)),
+        "deepspeed": trainer.is_deepspeed_enabled,
         "world_size": trainer.args.world_size,
         "fsdp": trainer.is_fsdp_enabled,
         "sharded_params": sum(type(p).__name__ == "DTensor" or "DTensor" in type(p.data).__name__ for p in model.parameters()),
