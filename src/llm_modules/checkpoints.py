@@ -40,6 +40,16 @@ WEIGHTS_NAME = "model.safetensors"
 logger = logging.getLogger(__name__)
 
 
+def unsharded_class(model: torch.nn.Module) -> type:
+    """The model's own class: FSDP2's `fully_shard` swaps it for a subclass named FSDP<name>."""
+    cls = type(model)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return cls
+    return cls.__bases__[-1] if issubclass(cls, FSDPModule) else cls
+
+
 class CheckpointMixin:
     """`from_large_and_small`, `save_pretrained`, `from_pretrained` and `load_trained_weights` of
     `modeling.LLMModulesForCausalLM`."""
@@ -136,9 +146,11 @@ class CheckpointMixin:
         *,
         is_main_process: bool = True,
         state_dict: dict[str, torch.Tensor] | None = None,
+        weights: bool = True,
         **kwargs: Any,
     ) -> None:
         """Write config.json, the trained weights as safetensors and the large tokenizer; never the frozen weights.
+        `weights=False` writes all but the weights (a sharded checkpoint holds them in its own format).
 
         Takes the arguments `Trainer` passes: `state_dict` (a gathered full state dict under FSDP/DeepSpeed, of
         which only the trained tensors are kept) and `is_main_process`. Weights are always safetensors, so
@@ -154,10 +166,14 @@ class CheckpointMixin:
                 "config.large_model_name_or_path is empty: set it to the hub id or directory of the frozen model so "
                 "that from_pretrained can reload it"
             )
-        self.config.architectures = [type(self).__name__]
+        self.config.architectures = [unsharded_class(self).__name__]
         self.config.format_version = FORMAT_VERSION  # the weights below are in the current layout
         self.config.save_pretrained(directory)
         self.generation_config.save_pretrained(directory)
+        if not weights:
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+            return
         trained = self.trained_state_dict()
         if state_dict is not None:
             trained = {name: state_dict[name] for name in trained}

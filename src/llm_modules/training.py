@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.training_args import ParallelMode
 
 from .checkpoints import WEIGHTS_NAME
+from .distributed import ShardedTrainingMixin
 from .data import DEFAULT_DATASET, DataCollatorForLLMModules, DataReport, prepare_datasets, resolve_dataset_source
 from .model_card import write_model_card
 from .modeling import LLMModulesForCausalLM
@@ -259,7 +260,7 @@ class _StepGuard(TrainerCallback):
         self.trainer._guard_optimizer_step()
 
 
-class LLMModulesTrainer(Trainer):
+class LLMModulesTrainer(ShardedTrainingMixin, Trainer):
     """`Trainer` for `LLMModulesForCausalLM`: two learning rates, trained-only checkpoints marked complete when whole,
     token-weighted loss across accumulation and processes, non-finite steps skipped. See the module docstring."""
 
@@ -379,12 +380,16 @@ class LLMModulesTrainer(Trainer):
         return self.accelerator.unwrap_model(self.model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self._load_sharded(resume_from_checkpoint):  # FSDP2: distributed.py
+            return None
+        if self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._trained_model().load_trained_weights(Path(resume_from_checkpoint) / WEIGHTS_NAME)
 
     def _load_best_model(self) -> None:
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if self._load_sharded(self.state.best_model_checkpoint):
+            return None
+        if self.is_deepspeed_enabled:
             return super()._load_best_model()
         logger.info(f"loading the best model from {self.state.best_model_checkpoint} (eval loss {self.state.best_metric})")
         self._trained_model().load_trained_weights(Path(self.state.best_model_checkpoint) / WEIGHTS_NAME)

@@ -1,4 +1,4 @@
-"""`llm-modules bench decode|train`."""
+"""`llm-modules bench decode|train|memory`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,54 @@ def add_bench(subparsers) -> None:
     train.add_argument("--batch-size", type=int_at_least(1), default=1)
     train.add_argument("--steps", type=int_at_least(1), default=1, help="measured steps per setting (fastest is kept)")
     train.set_defaults(handler=run_bench)
+
+    memory = kinds.add_parser(
+        "memory", help="memory plan per rank under DDP, FSDP2 and ZeRO-3 (computed, no weights)",
+        description="Bytes per rank for frozen weights, trained weights, gradients, AdamW states and activations, from "
+        "the combined model built on the meta device (docs/training-at-scale.md). Default pairs: Qwen2.5-7B/14B "
+        "frozen with SmolLM2-360M/Qwen2.5-0.5B, from their published configs.",
+    )
+    memory.add_argument("--ranks", type=int_at_least(1), nargs="+", default=[1, 2, 4, 8])
+    memory.add_argument("--pairs", nargs="+", metavar="PAIR", help="qwen2.5-7b+smollm2-360m, qwen2.5-7b+qwen2.5-0.5b, "
+                        "qwen2.5-14b+smollm2-360m, qwen2.5-14b+qwen2.5-0.5b (default: all)")
+    memory.add_argument("--config", help="an llm-modules config.json (or a dir holding one) instead of the pairs")
+    memory.add_argument("--strategies", nargs="+", choices=["ddp", "fsdp2", "zero3"], default=["ddp", "fsdp2", "zero3"])
+    memory.add_argument("--seq-len", type=int_at_least(2), default=2048)
+    memory.add_argument("--batch-size", type=int_at_least(1), default=1, help="examples per rank and step")
+    memory.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: mixed precision, frozen weights in bf16 (GPUs); fp32: everything float32 (CPU)")
+    memory.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    memory.set_defaults(handler=run_memory)
+
+
+def run_memory(args: argparse.Namespace) -> None:
+    from .. import benchmarking
+    from ..benchmarking import memory
+    from ..configuration import LLMModulesConfig
+    from ..sources import ModelSourceError
+
+    if args.config:
+        if args.pairs:
+            raise UsageError("--config and --pairs: give one of them")
+        _, config = read_model_config(args.config, "--config", config_file=True)
+        if not isinstance(config, LLMModulesConfig):
+            raise ModelSourceError(f"--config {args.config}: a {config.model_type} model, not a combined llm-modules one")
+        configs = {args.config: config}
+    else:
+        names = args.pairs or list(memory.PAIRS)
+        unknown = [name for name in names if name not in memory.PAIRS]
+        if unknown:
+            raise UsageError(f"--pairs: unknown {unknown[0]!r}; expected some of {', '.join(memory.PAIRS)}")
+        configs = {name: memory.pair_config(*memory.PAIRS[name]()) for name in names}
+    fp32 = args.precision == "fp32"
+    rows = memory.memory_table(
+        configs, args.ranks, args.strategies, seq_len=args.seq_len, batch_size=args.batch_size,
+        frozen_dtype="float32" if fp32 else "bfloat16", mixed_precision=not fp32,
+    )
+    print(memory.format_memory(rows), end="")
+    if args.json:
+        benchmarking.write_json({"rows": rows}, args.json)
+        print(f"wrote {args.json}")
 
 
 def run_bench(args: argparse.Namespace) -> None:
