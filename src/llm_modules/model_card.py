@@ -36,7 +36,8 @@ def write_model_card(
     those in `options`; `large` may list several frozen sources); the hub metadata lists only names that are hub ids,
     not local paths.
     """
-    from .training import DATA_PREPARATION, TrainingOptions, write_atomic  # training imports this module
+    from .run_checkpoints import write_atomic
+    from .training import DATA_PREPARATION, TrainingOptions  # training imports this module
 
     options = options or TrainingOptions(output_dir=str(output_dir))
     large, small = large or options.large, small or options.small
