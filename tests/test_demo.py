@@ -15,6 +15,7 @@ from llm_modules.demo.knowledge_source import SourceOptions, pretraining_dataset
 from llm_modules.demo.report import SYSTEMS
 from llm_modules.demo.world import (
     ATTRIBUTES,
+    TASK_SYSTEM_PROMPT,
     biography,
     make_world,
     majority_baseline,
@@ -138,6 +139,10 @@ def test_quick_demo_transfers_knowledge(tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert (out / "models" / "combined" / "model.safetensors").is_file()  # reloadable by `llm-modules eval`
     assert (out / "logs" / "combined.jsonl").stat().st_size > 0 and "'loss'" not in printed
+    # `generate --model .../combined` asks in the layout the model learned, not the Bespoke-Stratos default (whose
+    # 485 tokens left the demo's model 27 of its 512 positions: it answered nothing).
+    config = json.loads((out / "models" / "combined" / "config.json").read_text())
+    assert config["system_prompt"] == TASK_SYSTEM_PROMPT
 
 
 def tiny_trainer(model_dir, tmp_path, callbacks, disable_tqdm=False):
