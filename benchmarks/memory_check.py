@@ -8,10 +8,13 @@ Run alone (it measures memory) and under the exclusive lock, one process or seve
     (ddp.yaml likewise)
 
 Random weights from configs (a Qwen2 source and a Llama small model, float32 throughout, as on CPU), random tokens.
-The process's resident memory is sampled every 2 ms from the first training step to the last; the figure is its peak
-minus the resident memory before the model was built (Python, torch, transformers, accelerate loaded). glibc is told to hand every
-allocation over 64 KiB back to the system when freed (MALLOC_MMAP_THRESHOLD_, set before torch starts), so the
-full-size weights freed by sharding do not stay resident. Rank 0 prints plan and measure side by side.
+The process's resident memory is sampled every 2 ms, in two phases, each figure its peak minus the resident memory
+before the model was built (Python, torch, transformers, accelerate loaded): loading (building the pair, then the
+Trainer preparing it: sharding, under FSDP2) up to the first training step, against the plan's load peak; and
+training, from the first step to the last, against the plan's total. glibc is told to hand every allocation over
+64 KiB back to the system when freed (MALLOC_MMAP_THRESHOLD_, set before torch starts), so the full-size weights that
+sharding frees do not stay resident into the training phase (measured: resident memory at the first step is the live
+tensors' bytes within 0.02 GiB). Rank 0 prints plan and measure side by side.
 """
 
 from __future__ import annotations
@@ -56,13 +59,17 @@ def configs(size: str):
 
 
 class PeakSampler(threading.Thread):
+    """Peak resident memory per phase ("load", then "train" once `phase` is switched)."""
+
     def __init__(self):
         super().__init__(daemon=True)
-        self.process, self.peak, self.running = psutil.Process(), 0, True
+        self.process, self.running, self.phase = psutil.Process(), True, "load"
+        self.peaks = {"load": 0, "train": 0}
 
     def run(self):
         while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
+            phase, rss = self.phase, self.process.memory_info().rss
+            self.peaks[phase] = max(self.peaks[phase], rss)
             time.sleep(0.002)
 
 
@@ -81,18 +88,19 @@ def main() -> None:
 
     baseline = psutil.Process().memory_info().rss  # the libraries loaded, no model yet
 
+    sampler = PeakSampler()
+    sampler.start()
     config = configs(args.size)
     torch.manual_seed(0)
     model = LLMModulesForCausalLM(config)
     vocab = config.vocab_size
     rows = [{"input_ids": ids, "attention_mask": [1] * args.seq_len, "labels": ids}
             for ids in torch.randint(0, vocab, (64, args.seq_len)).tolist()]
-    sampler = PeakSampler()
 
     class Measure(TrainerCallback):
         def on_step_begin(self, a, state, control, **kwargs):
-            if state.global_step == 0 and not sampler.is_alive():
-                sampler.start()
+            if state.global_step == 0:
+                sampler.phase = "train"  # the model is prepared (sharded, under FSDP2)
 
         def on_train_end(self, a, state, control, **kwargs):
             sampler.running = False
@@ -107,15 +115,17 @@ def main() -> None:
     trainer = build_trainer(model, Tokens(), rows, None, options, callbacks=[Measure()])
     trainer.train()
     sampler.join()
-    measured = (sampler.peak - baseline) / GIB
+    measured = [(sampler.peaks[phase] - baseline) / GIB for phase in ("train", "load")]
     world = trainer.args.world_size
     strategy = "fsdp2" if trainer.is_fsdp_enabled else "ddp"
-    planned = plan(count(config), strategy, world, seq_len=args.seq_len, frozen_dtype="float32", mixed_precision=False)
-    peaks = trainer.accelerator.gather(torch.tensor([measured])).tolist()
+    planned = plan(count(config), strategy, world, seq_len=args.seq_len, frozen_dtype="float32", mixed_precision=False,
+                   cpu=True)
+    peaks = trainer.accelerator.gather(torch.tensor([measured])).tolist()  # [[train, load] per rank]
     if trainer.is_world_process_zero():
         result = {
             "size": args.size, "strategy": strategy, "ranks": world, "seq_len": args.seq_len,
-            "planned_gib": planned["total"] / GIB, "measured_gib_per_rank": peaks,
+            "planned_gib": planned["total"] / GIB, "measured_gib_per_rank": [p[0] for p in peaks],
+            "planned_load_peak_gib": planned["load_peak"] / GIB, "measured_load_peak_gib_per_rank": [p[1] for p in peaks],
             "planned_parts_gib": {k: v / GIB for k, v in planned.items()},
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
         }

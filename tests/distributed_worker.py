@@ -15,7 +15,10 @@ import torch
 
 torch.set_num_threads(1)
 
+from torch.distributed.fsdp import FSDPModule  # noqa: E402
+
 from llm_modules import LLMModulesForCausalLM  # noqa: E402
+from llm_modules.bridge import transformer_blocks  # noqa: E402
 from llm_modules.data import prepare_datasets  # noqa: E402
 from llm_modules.training import TrainingOptions, train  # noqa: E402
 
@@ -64,6 +67,9 @@ def main(argv: list[str]) -> None:
         "deepspeed": trainer.is_deepspeed_enabled,
         "world_size": trainer.args.world_size,
         "fsdp": trainer.is_fsdp_enabled,
+        # FSDP2's units over the frozen sources: each decoder layer one of its own (distributed.py's policy).
+        "frozen_layers": sum(len(transformer_blocks(source)) for source in model.sources),
+        "frozen_layer_units": sum(isinstance(layer, FSDPModule) for source in model.sources for layer in transformer_blocks(source)),
         "sharded_params": sum(type(p).__name__ == "DTensor" or "DTensor" in type(p.data).__name__ for p in model.parameters()),
     }
     if trainer.is_world_process_zero():

@@ -128,6 +128,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_fsdp2_two_processes_train_like_one_and_leave_the_frozen_sources_bit_identical(fsdp2_run, one_process):
     result, out = fsdp2_run
     assert result["fsdp"] and result["sharded_params"] > 0  # FSDP2 ran, on CPU, and sharded the weights
+    assert result["frozen_layer_units"] == result["frozen_layers"] > 0  # each frozen decoder layer a unit of its own
     check_like_one_process(fsdp2_run, one_process)
     checkpoint = out / f"checkpoint-{SAVE_STEPS}"
     assert (checkpoint / FSDP_MODEL_DIR).is_dir() and (checkpoint / "optimizer_0").is_dir()

@@ -179,6 +179,17 @@ def test_streamer_receives_every_generated_token(tiny_model):
 # ---- invariant 3: frozen means frozen --------------------------------------------------------------------------
 
 
+def test_the_sources_decoder_layers_are_listed_as_blocks_for_fsdp2_and_device_map(tiny_model):
+    """accelerate's transformer-based FSDP2 wrap (and device_map) read `_no_split_modules`: the sources' layer class
+    must be there, or their layers all fall into the root FSDP2 unit (transformers collects the set from the direct
+    children only, and the sources are one level down, in a ModuleList)."""
+    from llm_modules.bridge import transformer_blocks
+
+    for part in (*tiny_model.sources, tiny_model.small):
+        classes = {type(layer).__name__ for layer in transformer_blocks(part)}
+        assert classes and classes <= tiny_model._no_split_modules, (classes, tiny_model._no_split_modules)
+
+
 def test_training_changes_only_bridge_small_and_head(tiny_pair):
     torch.manual_seed(0)
     model = LLMModulesForCausalLM.from_large_and_small(*tiny_pair, cross_attention_heads=4)

@@ -19,6 +19,13 @@ planned on any machine); the rules are the frameworks' own:
   `5 a s / h` term), scaled by `activation_bytes / 2`; the logits of the labelled tokens over the large vocabulary
   (16-bit logits, their float32 copy in the loss and its gradient); the frozen forward keeps only its last hidden
   states and one layer's working set (it runs under `no_grad`).
+- load peak, in host (CPU) memory per process: its own figure, not part of the total (it comes before training, and
+  on GPUs it is host memory, not GPU memory). Every rank composes the whole pair from its checkpoints in host memory
+  (accelerate's `fsdp_cpu_ram_efficient_loading`, where only rank 0 reads the weights, is not supported here yet):
+  the frozen weights in their dtype, the trained ones in float32; a machine needs that times its processes. On GPUs
+  sharding moves the units to the GPU; on a CPU run (`cpu=True`) the shards (1/N of everything, under FSDP2 and
+  ZeRO-3) are made in the same memory while the whole model is still held (accelerate's `fsdp2_prepare_model` keeps
+  the full state dict until every unit is sharded). The whole model is freed once preparing ends.
 These are planning estimates: allocator slack, the CUDA context (about 0.5 GiB) and communication buffers are not in
 them. `check` tables put them next to measured peaks (tests/README: benchmarks/memory_check.py).
 """
@@ -121,9 +128,10 @@ def _blocks(model) -> list[torch.nn.Module]:
 
 
 def plan(counts: ModelCounts, strategy: str, ranks: int, *, seq_len: int = 2048, batch_size: int = 1,
-         frozen_dtype: str = "bfloat16", mixed_precision: bool = True) -> dict[str, float]:
+         frozen_dtype: str = "bfloat16", mixed_precision: bool = True, cpu: bool = False) -> dict[str, float]:
     """Bytes per rank, by part, for one configuration. `mixed_precision`: bf16 compute over float32 trained weights
-    (GPUs); False: everything float32 (what a CPU run does)."""
+    (GPUs); False: everything float32 (what a CPU run does). `cpu`: the run is on CPU, so the shards are made in the
+    host memory that holds the loaded pair (only the load peak changes)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     n = ranks
@@ -155,6 +163,8 @@ def plan(counts: ModelCounts, strategy: str, ranks: int, *, seq_len: int = 2048,
     parts = {"frozen": frozen, "trained": trained, "gradients": grads, "optimizer": optimizer,
              "activations": activations}
     parts["total"] = sum(parts.values())
+    whole = c.frozen * fb + c.trained * 4
+    parts["load_peak"] = whole + (whole / n if cpu and strategy != "ddp" and n > 1 else 0)  # host; not in the total
     return parts
 
 
@@ -178,11 +188,12 @@ def format_memory(rows: list[dict]) -> str:
         first = next(r for r in rows if r["pair"] == pair)
         lines.append(f"{pair}: frozen {first['frozen_params'] / 1e9:.2f}B, trained {first['trained_params'] / 1e6:.0f}M "
                      "parameters; GiB per rank")
-        lines.append("| strategy | ranks | frozen | trained | gradients | optimizer | activations | total |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("| strategy | ranks | frozen | trained | gradients | optimizer | activations | total | load peak (host) |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in (r for r in rows if r["pair"] == pair):
             lines.append(f"| {r['strategy']} | {r['ranks']} | {r['frozen']:.2f} | {r['trained']:.2f} | "
-                         f"{r['gradients']:.2f} | {r['optimizer']:.2f} | {r['activations']:.2f} | {r['total']:.2f} |")
+                         f"{r['gradients']:.2f} | {r['optimizer']:.2f} | {r['activations']:.2f} | {r['total']:.2f} | "
+                         f"{r['load_peak']:.2f} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
