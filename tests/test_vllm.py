@@ -104,3 +104,25 @@ def test_seeded_sampling_repeats(vllm_results):
     assert tokens[0] == tokens[1]  # same prompt, same seed, in one batch
     assert tokens[2] != tokens[0]  # another seed
     assert len(set(map(tuple, tokens))) > 1
+
+
+def test_serve_engine_vllm_refuses_a_gpt_neo_model_before_starting_anything(tiny_model, tmp_path, capsys):
+    from llm_modules.cli import main
+
+    tiny_model.save_pretrained(tmp_path / "combined")  # the tests' Qwen2 + GPT-Neo pair
+    assert main(["serve", "--engine", "vllm", "--model", str(tmp_path / "combined")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be served on vLLM" in err and "no GPT-Neo" in err and err.count("\n") == 1
+
+
+def test_serve_engine_vllm_command_line(tmp_path):
+    from llm_modules.vllm.launch import vllm_serve_command
+
+    command = vllm_serve_command(
+        tmp_path, python="py", name="m", host="0.0.0.0", port=9, dtype="bfloat16", max_num_seqs=16, api_key="k",
+        allowed_origins=["*"], large_model=str(tmp_path / "src"), extra=["--max-model-len=8192"],
+    )
+    assert command[:5] == ["py", "-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path)]
+    assert command[command.index("--max-num-seqs") + 1] == "16" and "--enforce-eager" in command
+    overrides = command[command.index("--hf-overrides") + 1]
+    assert str(tmp_path / "src") in overrides and command[-1] == "--max-model-len=8192"
