@@ -9,6 +9,11 @@ Starts the server in a subprocess on a free 127.0.0.1 port with one of these mod
                    (fetch them first: `llm-modules fetch qwen2.5-coder-0.5b-instruct smollm2-135m-instruct`)
     --model DIR    a saved model dir (or plain causal LM), loaded as `llm-modules serve --model DIR` loads it
 
+--engine vllm serves a saved model dir with vLLM's OpenAI server instead (`vllm serve DIR`, in the vLLM environment:
+$LLM_MODULES_VLLM_PYTHON or .venv-vllm, docs/serving-at-scale.md; --dtype, default bfloat16, applies to the whole
+model there; --max-batch-size is its --max-num-seqs). RSS is then the sum over the server's process tree (vLLM runs
+its engine in a child process). Same clients, same requests: the two engines' tables compare.
+
 At each --concurrency, that many closed-loop clients send --counts streamed chat requests in all, each asking for
 exactly --max-tokens new tokens (greedy, `ignore_eos`, so every request generates the same count whatever the model
 writes); then --soak more requests of --soak-max-tokens at the highest concurrency (many requests in little time,
@@ -23,6 +28,7 @@ clients used during the level: above a few percent, its numbers are not the serv
 
     flock -x /tmp/llm-modules-cpu.lock python benchmarks/serve_load.py --model tiny --json serve-tiny.json
     flock -x /tmp/llm-modules-cpu.lock python benchmarks/serve_load.py --model real --json serve-real.json
+    flock -x /tmp/llm-modules-cpu.lock python benchmarks/serve_load.py --model DIR --engine vllm --json serve-vllm.json
 """
 
 from __future__ import annotations
@@ -99,6 +105,21 @@ def tiny_model(root: Path):
     return LLMModulesForCausalLM.from_large_and_small(large, small, cross_attention_heads=4).eval()
 
 
+def vllm_command(args: argparse.Namespace, port: int) -> list[str]:
+    """`vllm serve DIR` in the vLLM environment, as docs/serving-at-scale.md runs it."""
+    from llm_modules.vllm.equality import vllm_python
+
+    python = vllm_python()
+    if python is None:
+        sys.exit("no vLLM environment: run .ci/vllm-venv or set LLM_MODULES_VLLM_PYTHON")
+    return [
+        python, "-m", "llm_modules.vllm.cli", "serve", args.model, "--served-model-name", MODEL_NAME,
+        "--port", str(port), "--host", "127.0.0.1", "--dtype", args.large_dtype, "--enforce-eager",
+        "--max-num-seqs", str(args.max_batch_size), "--max-model-len", "4096", "--disable-log-stats",
+        "--uvicorn-log-level", "warning",
+    ]
+
+
 def start_server(args: argparse.Namespace, workdir: Path, log) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -108,7 +129,11 @@ def start_server(args: argparse.Namespace, workdir: Path, log) -> tuple[subproce
         "--max-batch-size", str(args.max_batch_size), "--max-tokens", str(args.max_tokens), "--port", str(port),
         "--workdir", str(workdir),
     ]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.engine == "vllm":
+        command = vllm_command(args, port)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
@@ -134,9 +159,15 @@ class CpuMeter:
         ticks = os.sysconf("SC_CLK_TCK")
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
         busy = sum(map(int, fields)) - int(fields[3]) - int(fields[4])  # all but idle and iowait
-        server = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        server = 0
+        for pid in process_tree(self.server_pid):  # vLLM's engine is a child process
+            try:
+                fields_of = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            server += int(fields_of[11]) + int(fields_of[12])
         own = os.times()
-        return busy / ticks, (int(server[11]) + int(server[12])) / ticks, own.user + own.system
+        return busy / ticks, server / ticks, own.user + own.system
 
     def others_share(self, seconds: float) -> float:
         """Share of the machine's CPU time that other processes used since `start` (0 to 1)."""
@@ -144,12 +175,33 @@ class CpuMeter:
         return max(0.0, busy - server - own) / (seconds * os.cpu_count())
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
-    """A process's resident memory (`VmRSS`) or its peak (`VmHWM`), MiB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} for pid {pid}")
+    """Resident memory (`VmRSS`) or its peak (`VmHWM`) of a process and its descendants, summed, MiB (Linux /proc)."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith(field + ":"))
+    return total
 
 
 # ---- the clients --------------------------------------------------------------------------------------------------
@@ -285,8 +337,10 @@ def targets(levels: list[dict], memory: dict, failed: int) -> dict[str, tuple[st
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="tiny, real, or a saved model dir (default: tiny)")
+    parser.add_argument("--engine", default="ours", choices=["ours", "vllm"],
+                        help="our server (llm-modules serve) or vLLM's (vllm serve; --model must be a saved dir)")
     parser.add_argument("--large-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                        help="the frozen model's dtype with --model real (default: bfloat16)")
+                        help="the frozen model's dtype with --model real; with --engine vllm the whole model's (default: bfloat16)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--counts", type=int, nargs="+", help="requests at each concurrency (default: by model)")
     parser.add_argument("--soak", type=int, help="more requests at the highest concurrency, for memory (default: by model)")
@@ -310,6 +364,8 @@ def main() -> int:
     args.soak_max_tokens = min(args.soak_max_tokens, args.max_tokens)
     if len(args.counts) != len(args.concurrency):
         parser.error("give one --counts value per --concurrency value")
+    if args.engine == "vllm" and not Path(args.model).is_dir():
+        parser.error("--engine vllm serves a saved model dir: give --model DIR")
 
     deadline = time.monotonic() + args.time_limit
     with tempfile.TemporaryDirectory(prefix="serve-load-") as workdir:
@@ -347,8 +403,10 @@ def main() -> int:
     what = {"tiny": "tiny random Qwen2 + GPT-Neo combined model (fp32)",
             "real": f"Qwen2.5-Coder-0.5B-Instruct frozen in {args.large_dtype} + SmolLM2-135M-Instruct (fp32), "
                     "freshly composed (untrained)"}.get(args.model, args.model)
+    if args.engine == "vllm":
+        what = f"{what} on vLLM ({args.large_dtype}, enforce_eager)"
     results = {
-        "model": what,
+        "model": what, "engine": args.engine,
         "settings": {"max_batch_size": args.max_batch_size, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                      "counts": args.counts, "soak": args.soak, "soak_max_tokens": args.soak_max_tokens, "warmup": warmup,
                      "requests": "streamed chat, greedy, ignore_eos: every request generates max_tokens"},

@@ -6,7 +6,11 @@ import warnings
 from typing import Any, Literal
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.20 (vLLM 0.32's range): sub-configs are built in `__post_init__` below
+    SubConfigSpec = None
 
 # The paper's pair at real size (docs/design.md has the method), so `LLMModulesConfig()` alone describes Qwen2-1.5B + GPT-Neo-125M
 # and real-size benchmarks can be built offline from the config with random weights.
@@ -40,6 +44,9 @@ GPT_NEO_125M = {
     "bos_token_id": 50256,
     "eos_token_id": 50256,
 }
+
+# The sub-configs and the model type and values each defaults to.
+SUB_CONFIG_DEFAULTS = {"large_config": ("qwen2", QWEN2_1_5B), "small_config": ("gpt_neo", GPT_NEO_125M)}
 
 
 class LLMModulesConfig(PreTrainedConfig):
@@ -91,10 +98,14 @@ class LLMModulesConfig(PreTrainedConfig):
     """
 
     model_type = "llm_modules"
-    sub_configs_defaults = {
-        "large_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_1_5B),
-        "small_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt_neo", init_kwargs=GPT_NEO_125M),
-    }
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "large_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2", init_kwargs=QWEN2_1_5B),
+            "small_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt_neo", init_kwargs=GPT_NEO_125M),
+        }
+    else:
+        # Only the vLLM plugin (llm_modules.vllm) runs on these versions: it reads this config, nothing else of ours.
+        sub_configs = {"large_config": AutoConfig, "small_config": AutoConfig}
 
     large_config: dict | PreTrainedConfig | None = None
     small_config: dict | PreTrainedConfig | None = None
@@ -127,9 +138,15 @@ class LLMModulesConfig(PreTrainedConfig):
         # its config object with us, so keep the implementation it was loaded with unless one is asked for.
         loaded = {
             key: getattr(self, key)._attn_implementation
-            for key in self.sub_configs_defaults
+            for key in SUB_CONFIG_DEFAULTS
             if isinstance(getattr(self, key), PreTrainedConfig)
         }
+        if SubConfigSpec is None:
+            for key, (model_type, defaults) in SUB_CONFIG_DEFAULTS.items():
+                value = getattr(self, key)
+                if not isinstance(value, PreTrainedConfig):
+                    value = dict(defaults) if value is None else dict(value)
+                    setattr(self, key, AutoConfig.for_model(value.pop("model_type", model_type), **value))
         super().__post_init__(**kwargs)
         if self.additional_large_configs is not None:
             self.additional_large_configs = [

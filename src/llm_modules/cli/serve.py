@@ -44,10 +44,51 @@ def add_serve(subparsers) -> None:
     )
     parser.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no log line per request; warnings and errors only")
+    parser.add_argument(
+        "--engine", choices=["ours", "vllm"], default="ours",
+        help="ours: this package's server; vllm: vLLM's OpenAI server (`vllm serve`, paged KV cache, more throughput "
+        "under load; one source with the paper's bridge and a Qwen2/Llama small model; the whole model in "
+        "--large-dtype, default bfloat16; docs/serving-at-scale.md)",
+    )
+    parser.add_argument(
+        "--vllm-option", action="append", default=[], metavar="OPTION",
+        help="with --engine vllm, one more `vllm serve` option, e.g. --vllm-option=--max-model-len=8192 (repeatable)",
+    )
     parser.set_defaults(handler=run_serve)
 
 
+def run_vllm_serve(args: argparse.Namespace) -> None:
+    """`--engine vllm`: vLLM's server on a saved combined model dir (llm_modules.vllm.launch)."""
+    from ..sources import resolve_model_source
+    from ..vllm.launch import serve_on_vllm
+    from ..vllm.support import UnsupportedForVllm
+
+    ignored = [flag for flag, given in (("--large-quantization", args.large_quantization), ("--system", args.system),
+                                        ("--device", args.device)) if given]
+    if ignored:
+        raise UsageError(f"{', '.join(ignored)} do not apply to --engine vllm")
+    if args.large_model and len(args.large_model) > 1:
+        raise UsageError("--engine vllm serves models of one source: give --large-model once")
+    directory = Path(resolve_model_source(args.model, "--model"))
+    if not directory.is_dir():
+        raise UsageError(f"--model {args.model}: --engine vllm serves a saved combined model dir")
+    try:
+        code = serve_on_vllm(
+            directory, name=args.model_name or directory.name, host=args.host, port=args.port,
+            dtype=args.large_dtype or "bfloat16", max_num_seqs=args.max_batch_size, api_key=args.api_key,
+            allowed_origins=args.allowed_origins, large_model=args.large_model[0] if args.large_model else None,
+            extra=args.vllm_option,
+        )
+    except (UnsupportedForVllm, ValueError, RuntimeError) as error:
+        raise UsageError(f"--model {args.model}: {error}") from error
+    if code:
+        raise SystemExit(code)
+
+
 def run_serve(args: argparse.Namespace) -> None:
+    if args.engine == "vllm":
+        run_vllm_serve(args)
+        return
     from .. import serving
     from ..sources import resolve_model_source
 
