@@ -92,3 +92,46 @@ def generate_{i}(rng):
     assert len({p["question"] for p in first}) == 20
     assert {p["question"][:3] for p in first} == {"Q0:", "Q50"}
     assert all(gsm.worked_solution(p["answer_cot"]).endswith(p["answer"]) for p in first)
+
+
+STORIES = [
+    "{name} buys {n} apples at the market and eats two of them on the way home. How many are left?",
+    "A train leaves the station at {n} o'clock and travels for three hours at a steady speed. When does it arrive?",
+    "{name} reads {n} pages of a book every evening for a whole week before the exam. How many pages in all?",
+    "A farmer plants {n} rows of corn with twelve plants in each row of the field. How many plants are there?",
+]
+
+
+def story_generator(index: int):
+    def generate(rng):
+        n = rng.randint(2, 90)
+        question = STORIES[index].format(name=rng.choice(["Ana", "Bo", "Cy"]), n=n)
+        return {"question": question, "answer": str(n), "metadata": {"answer_cot": f"It is {n}.\n#### {n}"}}
+
+    generate.__name__ = f"generate_{index}"
+    return generate
+
+
+def test_each_generator_is_matched_to_the_problem_it_was_written_from():
+    problems = [{"question": STORIES[i].format(name="Dee", n=7)} for i in (2, 0, 3, 1)]  # another order
+    generators = [story_generator(i) for i in range(4)]
+    assert gsm.template_of_generators(generators, problems) == [1, 3, 0, 2]
+    with pytest.raises(ValueError, match="two gsm_symbolic generators match one GSM8K problem"):
+        gsm.template_of_generators([story_generator(0), story_generator(0)], problems)
+
+
+def test_the_split_never_trains_on_a_held_out_problems_template(monkeypatch):
+    """GSM-Symbolic's generators were written from the held-out GSM8K problems: train rows come only from the
+    generators of the problems that are not held out."""
+    real = [{"question": STORIES[i].format(name="Dee", n=7), "answer": "7", "answer_cot": "#### 7", "id_orig": i}
+            for i in range(4)]
+    monkeypatch.setattr(gsm, "gsm8k_test_problems", lambda cache=None: real)
+    monkeypatch.setattr(gsm, "wheel_path", lambda wheel, cache=None: None)
+    monkeypatch.setattr(gsm, "gsm_symbolic_generators", lambda wheel: [story_generator(i) for i in (3, 1, 0, 2)])
+    train, held_out = gsm.make_split(12, 6, seed=0)
+    real_held = [p for p in held_out if p["source"] == "gsm8k"]
+    assert [p["id_orig"] for p in real_held] == [1, 3]  # odd positions, whatever the seed
+    held_stories = {STORIES[1][:12], STORIES[3][:12]}
+    assert len(train) == 12 and not any(p["question"][:12] in held_stories for p in train)
+    generated = [p for p in held_out if p["source"] == "gsm_symbolic"]
+    assert len(generated) == 6 and all(p["question"][:12] in held_stories for p in generated)

