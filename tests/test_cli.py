@@ -101,6 +101,14 @@ def test_no_progress_bar_redraws_when_stderr_is_not_a_terminal(tmp_path):
     assert "\r" not in result.stderr and "it/s]" not in result.stderr
 
 
+def test_a_command_run_in_process_leaves_the_progress_bar_switches_as_it_found_them(monkeypatch, capsys):
+    """They are set for the command (stderr is no terminal here); a later subprocess (vLLM's, in the tests) must not
+    inherit them: vLLM 0.32 divides by a disabled bar's elapsed time."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert main(["fetch", "--list", "--json"]) == 0
+    assert "TQDM_DISABLE" not in os.environ
+
+
 def test_version_names_the_package_torch_and_transformers(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])

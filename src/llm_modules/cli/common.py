@@ -143,8 +143,10 @@ def library_messages() -> Iterator[None]:
     When stderr is not a terminal (a log file, CI) there are no progress bars, only those lines: a bar redraws itself
     in place, which a file keeps as every redraw. tqdm, huggingface_hub (whose switch transformers follows) and
     datasets read these variables when first imported, which a command's work does after this point."""
+    variables = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+    saved = {variable: os.environ.get(variable) for variable in variables}
     if not sys.stderr.isatty():
-        for variable in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        for variable in variables:
             os.environ.setdefault(variable, "1")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -158,6 +160,13 @@ def library_messages() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+        # A command run in-process (tests, notebooks) leaves the environment as it found it: what runs later, or
+        # in a subprocess started later, gets its progress bars back.
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
 
 
 def read_model_config(

@@ -43,7 +43,8 @@ def run_job(llm, job: dict) -> dict:
         )
         for seed in seeds
     ]
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]], params)
+    # No progress bar: vLLM 0.32 divides by the bar's elapsed time, which is 0 when tqdm is disabled (TQDM_DISABLE=1).
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]], params, use_tqdm=False)
     result = {"tokens": [], "logprobs": []}
     for output in outputs:
         completion = output.outputs[0]
