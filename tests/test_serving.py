@@ -55,12 +55,30 @@ def server_log(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("server") / "server.log"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, output) -> None:
+    """Until `url/health` answers 200; fails with the server's `output()` if it exits or takes over 120 s."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, f"server exited:\n{output()}"
+        assert time.monotonic() < deadline, f"server did not start:\n{output()}"
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, server_log):
     """Base URL of `llm-modules serve` on a free loopback port; the process ends with the module."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = open(server_log, "w+")
     command = [
         sys.executable, "-m", "llm_modules.cli", "serve", "--model", str(model_dir), "--port", str(port),
@@ -68,17 +86,12 @@ def server(model_dir, server_log):
     ]
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
+
+    def output() -> str:
         log.seek(0)
-        assert process.poll() is None, f"server exited:\n{log.read()}"
-        assert time.monotonic() < deadline, f"server did not start:\n{log.read()}"
-        time.sleep(0.3)
+        return log.read()
+
+    wait_until_healthy(url, process, output)
     yield url
     process.terminate()
     process.wait(timeout=30)
@@ -506,21 +519,11 @@ def test_n_choices_and_ignore_eos(local_model, tiny_pair, one_thread):
 
 def test_ctrl_c_stops_the_server_with_exit_code_130(tiny_pair):
     """README's exit codes: an interrupted command exits 130, `serve` too (uvicorn itself returns normally)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "llm_modules.cli", "serve", "--model", str(tiny_pair[0]), "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
-        time.sleep(0.3)
+    wait_until_healthy(f"http://127.0.0.1:{port}", process, lambda: (process.kill(), process.communicate()[1])[1])
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err.rstrip().endswith("interrupted")
