@@ -178,3 +178,41 @@ def test_deepspeed_two_processes_train_like_one_and_resume_to_the_uninterrupted_
 def test_converting_what_is_no_sharded_checkpoint_says_so_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^\S+ is no sharded checkpoint \(it has no pytorch_model_fsdp_0/ dir\)$"):
         convert_checkpoint(tmp_path, tmp_path / "out")
+
+
+def train_with_feature_cache(config: str | None, tiny_pair, data: Path, root: Path) -> tuple[dict, str]:
+    """`llm-modules train --feature-cache` as one process (batch 2) or two under `accelerate launch -m llm_modules`
+    (batch 1 each); returns the logged losses by step and the command's stderr (both ranks')."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    options = root / "options.json"  # no dropout: its random masks would differ between one process and two
+    root.mkdir(parents=True, exist_ok=True)
+    options.write_text(json.dumps({"model_options": {"dropout": 0.0, "cross_attention_heads": 4}}))
+    train = ["train", "--config", str(options), "--large", str(tiny_pair[0]), "--small", str(tiny_pair[1]), "--dataset", str(data),
+             "--output-dir", str(root / "out"), "--feature-cache", str(root / "features"), "--max-steps", str(STEPS),
+             "--batch-size", "2" if config is None else "1", "--val-split", "0.25", "--logging-steps", "1",
+             "--save-steps", str(STEPS), "--lr-bridge", "3e-3", "--lr-small", "3e-3", "--seed", "0"]
+    if config is None:
+        command = [sys.executable, "-m", "llm_modules", *train]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--main_process_port", str(free_port()), "-m", "llm_modules", *train]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((root / "out" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return {log["step"]: log["loss"] for log in state["log_history"] if "loss" in log}, done.stderr
+
+
+def test_feature_cache_is_built_once_and_read_by_every_rank(tiny_pair, data_file, tmp_path):
+    """Under FSDP2 with two processes the main process computes the frozen states once (train and validation
+    splits: one build line each, where two ranks building would say it four times), the other rank opens that
+    cache, and the run trains as one process on its own cache does (same tolerance as above)."""
+    one, _ = train_with_feature_cache(None, tiny_pair, data_file, tmp_path / "one")
+    two, stderr = train_with_feature_cache("fsdp2.yaml", tiny_pair, data_file, tmp_path / "two")
+    assert stderr.count("running the frozen model once over") == 2, stderr[-3000:]
+    assert len(one) == len(two) == STEPS
+    for step, loss in one.items():
+        assert two[step] == pytest.approx(loss, rel=1e-5), step
+    for split in ("train", "validation"):
+        assert (tmp_path / "two" / "features" / split / "manifest.json").is_file()

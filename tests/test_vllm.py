@@ -132,3 +132,36 @@ def test_serve_engine_vllm_command_line(tmp_path):
     assert command[command.index("--max-num-seqs") + 1] == "16" and "--enforce-eager" in command
     overrides = command[command.index("--hf-overrides") + 1]
     assert str(tmp_path / "src") in overrides and command[-1] == "--max-model-len=8192"
+
+
+def test_interrupting_the_launcher_stops_the_vllm_server(tmp_path):
+    """A SIGINT sent to our process alone (`kill -INT`, a supervisor) reaches the server it started, which exits;
+    then the launcher raises KeyboardInterrupt (exit 130), never leaving a server behind."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    from llm_modules.vllm.launch import run_forwarding_signals
+
+    ready, marker = tmp_path / "ready", tmp_path / "stopped"
+    server = (  # stands in for `vllm serve`: runs until interrupted, then records it
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGINT, lambda *_: (pathlib.Path({str(marker)!r}).write_text('int'), sys.exit(0)))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(120)\n"
+    )
+
+    def interrupt_once_the_server_runs() -> None:  # as a supervisor would: a signal to the launcher alone
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_the_server_runs, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_forwarding_signals([sys.executable, "-c", server], env=dict(os.environ))
+    assert time.monotonic() - started < 60
+    assert marker.read_text() == "int"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler is gone again

@@ -183,6 +183,8 @@ def build_feature_cache(
         for path in directory.iterdir():
             path.unlink() if path.is_file() else shutil.rmtree(path)
     directory.mkdir(parents=True, exist_ok=True)
+    # Said once per build: under multi-process training the main process builds and every rank then opens it.
+    logger.info(f"feature cache {directory}: running the frozen model once over {len(dataset)} examples")
     try:
         _write_features(directory, model, dataset, expected, device, batch_tokens)
     except StatesOutOfRange as beyond:

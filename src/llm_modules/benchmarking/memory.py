@@ -25,7 +25,11 @@ planned on any machine); the rules are the frameworks' own:
   the frozen weights in their dtype, the trained ones in float32; a machine needs that times its processes. On GPUs
   sharding moves the units to the GPU; on a CPU run (`cpu=True`) the shards (1/N of everything, under FSDP2 and
   ZeRO-3) are made in the same memory while the whole model is still held (accelerate's `fsdp2_prepare_model` keeps
-  the full state dict until every unit is sharded). The whole model is freed once preparing ends.
+  the full state dict until every unit is sharded). The whole model is freed once preparing ends. DDP's constructor
+  (N > 1) broadcasts rank 0's weights to every rank, all of them, frozen too: torch's `_broadcast_coalesced` copies
+  them into flat 250 MiB buckets and keeps two in flight (torch/csrc/distributed/c10d/comm.cpp), so a rank holds up to
+  500 MiB (or the whole model, if smaller) more while it runs; its reducer also allocates the gradient buckets (the
+  trained parameters in float32) there.
 These are planning estimates: allocator slack, the CUDA context (about 0.5 GiB) and communication buffers are not in
 them. `check` tables put them next to measured peaks (tests/README: benchmarks/memory_check.py).
 """
@@ -38,6 +42,8 @@ from typing import Any
 import torch
 
 GIB = 2**30
+# torch DDP's parameter broadcast at construction: 250 MiB buckets, two in flight (see the docstring).
+DDP_BROADCAST_IN_FLIGHT = 2 * 250 * 2**20
 STRATEGIES = ("ddp", "fsdp2", "zero3")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -164,7 +170,11 @@ def plan(counts: ModelCounts, strategy: str, ranks: int, *, seq_len: int = 2048,
              "activations": activations}
     parts["total"] = sum(parts.values())
     whole = c.frozen * fb + c.trained * 4
-    parts["load_peak"] = whole + (whole / n if cpu and strategy != "ddp" and n > 1 else 0)  # host; not in the total
+    if strategy == "ddp":  # the constructor's broadcast buckets and the reducer's gradient buckets
+        extra = min(whole, DDP_BROADCAST_IN_FLIGHT) + c.trained * 4 if n > 1 else 0
+    else:
+        extra = whole / n if cpu and n > 1 else 0
+    parts["load_peak"] = whole + extra  # host; not in the total
     return parts
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -58,4 +59,27 @@ def serve_on_vllm(directory: Path, **options) -> int:
         )
     env = {**os.environ}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB of KV cache on the CPU backend (vLLM's default is 4)
-    return subprocess.run(vllm_serve_command(directory, python=python, **options), env=env).returncode
+    return run_forwarding_signals(vllm_serve_command(directory, python=python, **options), env=env)
+
+
+def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
+    """Run `command` until it exits, passing SIGINT and SIGTERM sent to this process on to it, so that stopping
+    `llm-modules serve --engine vllm` stops vLLM (a terminal's Ctrl-C reaches both; `kill -INT` reaches only us).
+    Raises KeyboardInterrupt after the server has exited on SIGINT (the command then exits 130, as our own server)."""
+    process = subprocess.Popen(command, env=env)
+    received: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        received.append(signum)
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signal.SIGINT in received:
+        raise KeyboardInterrupt
+    return code
