@@ -29,7 +29,8 @@ planned on any machine); the rules are the frameworks' own:
   (N > 1) broadcasts rank 0's weights to every rank, all of them, frozen too: torch's `_broadcast_coalesced` copies
   them into flat 250 MiB buckets and keeps two in flight (torch/csrc/distributed/c10d/comm.cpp), so a rank holds up to
   500 MiB (or the whole model, if smaller) more while it runs; its reducer also allocates the gradient buckets (the
-  trained parameters in float32) there.
+  trained parameters in float32) there. Both are host memory only on a CPU run; on GPUs they are device memory (the
+  buckets are in the DDP gradients already), so the host load peak is the whole model.
 These are planning estimates: allocator slack, the CUDA context (about 0.5 GiB) and communication buffers are not in
 them. `check` tables put them next to measured peaks (tests/README: benchmarks/memory_check.py).
 """
@@ -170,10 +171,12 @@ def plan(counts: ModelCounts, strategy: str, ranks: int, *, seq_len: int = 2048,
              "activations": activations}
     parts["total"] = sum(parts.values())
     whole = c.frozen * fb + c.trained * 4
-    if strategy == "ddp":  # the constructor's broadcast buckets and the reducer's gradient buckets
-        extra = min(whole, DDP_BROADCAST_IN_FLIGHT) + c.trained * 4 if n > 1 else 0
-    else:
-        extra = whole / n if cpu and n > 1 else 0
+    if not cpu or n == 1:  # on GPUs what preparing adds is device memory, below the training total
+        extra = 0
+    elif strategy == "ddp":  # the constructor's broadcast buckets and the reducer's gradient buckets
+        extra = min(whole, DDP_BROADCAST_IN_FLIGHT) + c.trained * 4
+    else:  # the shards, made while the whole model is held
+        extra = whole / n
     parts["load_peak"] = whole + extra  # host; not in the total
     return parts
 
