@@ -81,7 +81,10 @@ def serve_child(args: argparse.Namespace) -> None:
         ).eval()
         tokenizer = model.tokenizer
     else:
-        model, tokenizer = serving.load_model(args.model, device="cpu")
+        # A combined model's frozen part in --large-dtype, as `llm-modules serve --large-dtype` loads it.
+        is_combined = json.loads((Path(args.model) / "config.json").read_text()).get("model_type") == "llm_modules"
+        model, tokenizer = serving.load_model(args.model, device="cpu",
+                                              large_dtype=args.large_dtype if is_combined else None)
     server = serving.ModelServer(model, tokenizer, MODEL_NAME, max_batch_size=args.max_batch_size,
                                  max_new_tokens_limit=max(args.max_tokens, 16))
     serving.serve(server, port=args.port, quiet=True)
@@ -340,7 +343,8 @@ def main() -> int:
     parser.add_argument("--engine", default="ours", choices=["ours", "vllm"],
                         help="our server (llm-modules serve) or vLLM's (vllm serve; --model must be a saved dir)")
     parser.add_argument("--large-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                        help="the frozen model's dtype with --model real; with --engine vllm the whole model's (default: bfloat16)")
+                        help="the frozen part's dtype of --model real or a combined DIR (the trained parts stay float32); with --engine "
+                        "vllm the whole model's (default: bfloat16)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--counts", type=int, nargs="+", help="requests at each concurrency (default: by model)")
     parser.add_argument("--soak", type=int, help="more requests at the highest concurrency, for memory (default: by model)")
@@ -402,7 +406,7 @@ def main() -> int:
     checks = targets(levels, memory, failed)
     what = {"tiny": "tiny random Qwen2 + GPT-Neo combined model (fp32)",
             "real": f"Qwen2.5-Coder-0.5B-Instruct frozen in {args.large_dtype} + SmolLM2-135M-Instruct (fp32), "
-                    "freshly composed (untrained)"}.get(args.model, args.model)
+                    "freshly composed (untrained)"}.get(args.model, f"{args.model} (frozen part in {args.large_dtype})")
     if args.engine == "vllm":
         what = f"{what} on vLLM ({args.large_dtype}, enforce_eager)"
     results = {
