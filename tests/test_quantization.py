@@ -15,7 +15,7 @@ from torch import nn
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.benchmarking.precision import bench_precision, format_precision
 from llm_modules.cli import main as cli_main
-from llm_modules.quantization import Float32Embedding, Int8Linear, quantize_frozen_model
+from llm_modules.quantization import Float32Embedding, Int8Linear, quantize_frozen_model, quantize_trained_parts
 
 from test_benchmarking import quiet, tiny_config  # noqa: F401  (a fixture)
 
@@ -175,3 +175,33 @@ def test_cli_precision_bench_writes_json_and_rejects_bad_precisions(tiny_config,
     assert "--precisions: unknown 'int4'" in capsys.readouterr().err
     assert cli_main(["bench", "decode", "--large", "x"]) == 2
     assert "--large/--small need --precisions" in capsys.readouterr().err
+
+
+def test_trained_parts_in_int8_track_float32_and_decode_with_caches(tiny_dirs):
+    """The bridges, the small model's blocks and the head become per-token int8 layers; the frozen source is left as
+    loaded; logits stay close to float32, and decoding with the three caches gives the logits of one cache-free
+    forward over the same tokens within int8's rounding (fbgemm picks its zero point over the whole input, so a row
+    alone and a row among others round apart: not bit-equal, and a near-tie on a random tiny model may flip)."""
+    torch.manual_seed(1)
+    model = LLMModulesForCausalLM.from_large_and_small(tiny_dirs["qwen2"], tiny_dirs["llama"], cross_attention_heads=4,
+                                                       dropout=0.0).eval()
+    ids = torch.randint(5, 200, (1, 7))
+    with torch.no_grad():
+        reference = model(ids).logits
+    frozen_before = {name: type(module) for name, module in model.sources.named_modules()}
+    quantize_trained_parts(model, "int8")
+    assert {name: type(module) for name, module in model.sources.named_modules()} == frozen_before
+    assert isinstance(model.lm_head, Int8Linear)
+    assert not [m for part in (model.bridges, model.small) for m in part.modules() if type(m) is nn.Linear]
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert logits.dtype == torch.float32
+        scale = reference.abs().max()
+        assert (logits - reference).abs().max() < 0.05 * scale
+        out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+        full = model(out.sequences[:, :-1]).logits[0, ids.shape[1] - 1:]
+    cached = torch.cat(out.logits)
+    assert (cached - full).abs().max() < 0.05 * scale  # the bound int8 keeps against float32 above
+    with pytest.raises(ValueError, match="trained_quantization must be one of"):
+        quantize_trained_parts(model, "int4")

@@ -201,6 +201,7 @@ class CheckpointMixin:
         dtype: torch.dtype | str | None = None,
         large_dtype: torch.dtype | str | None = None,
         large_quantization: str | None = None,
+        trained_quantization: str | None = None,
         device_map: Any = None,
         quantization_config: Any = None,
         trust_remote_code: bool = False,
@@ -211,6 +212,8 @@ class CheckpointMixin:
         `large_model_name_or_path` points at the frozen model when it moved since saving (a list, one per source, for
         a model of several sources); `large_dtype`,
         `large_quantization` and `quantization_config` set its precision, as in `from_large_and_small`.
+        `trained_quantization="int8"` quantizes the trained parts for inference on the CPU
+        (`quantization.quantize_trained_parts`: the model can then neither train nor be saved).
         """
         directory = Path(resolve_model_source(pretrained_model_name_or_path, "combined model"))
         if not directory.is_dir():
@@ -257,6 +260,10 @@ class CheckpointMixin:
         device = next(sources[0].parameters()).device
         for part in model.trained_parts():
             part.to(device=device, dtype=as_dtype(dtype))
+        if trained_quantization is not None:
+            from .quantization import quantize_trained_parts
+
+            quantize_trained_parts(model, trained_quantization)
         try:
             model.tokenizer = AutoTokenizer.from_pretrained(directory)
         except (OSError, ValueError):

@@ -239,11 +239,12 @@ def validation_loss(model, dataset, pad_token_id: int, batch_size: int = 8, desc
 
 def load_model_for_eval(
     name_or_path: str, large_model: str | list[str] | None = None, device: str | None = None, trust_remote_code: bool = False,
-    large_dtype: str | None = None, large_quantization: str | None = None,
+    large_dtype: str | None = None, large_quantization: str | None = None, trained_quantization: str | None = None,
 ):
     """(model, tokenizer) of a saved combined model or of any Hugging Face causal LM (hub id or dir), in eval mode.
 
-    `large_dtype` / `large_quantization` set a combined model's frozen part; ValueError for a plain model."""
+    `large_dtype` / `large_quantization` set a combined model's frozen part, `trained_quantization` its trained parts;
+    ValueError for a plain model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .configuration import LLMModulesConfig
@@ -254,14 +255,14 @@ def load_model_for_eval(
     if config.model_type == LLMModulesConfig.model_type:
         model = LLMModulesForCausalLM.from_pretrained(
             name_or_path, large_model_name_or_path=large_model, dtype=dtype, trust_remote_code=trust_remote_code,
-            large_dtype=large_dtype, large_quantization=large_quantization,
+            large_dtype=large_dtype, large_quantization=large_quantization, trained_quantization=trained_quantization,
         )
         tokenizer = model.tokenizer
         if tokenizer is None:
             raise ValueError(f"{name_or_path}: no tokenizer saved with the combined model")
-    elif large_dtype or large_quantization:
-        raise ValueError("--large-dtype/--large-quantization set the frozen part of a combined model; this is a plain "
-                         "causal LM")
+    elif large_dtype or large_quantization or trained_quantization:
+        raise ValueError("--large-dtype/--large-quantization/--trained-quantization set the parts of a combined model; "
+                         "this is a plain causal LM")
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

@@ -193,11 +193,12 @@ def chat_prompt_ids(
 
 def load_model_and_tokenizer(
     model: str, *, large_model: str | list[str] | None = None, device: str | None = None, large_dtype: str | None = None,
-    large_quantization: str | None = None,
+    large_quantization: str | None = None, trained_quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A saved combined model, or a plain Hugging Face causal LM (dir, hub id or .gguf file; `sources`), with its
     tokenizer, in eval mode on `device` (default: cuda when available): bf16 on a GPU, float32 on CPU.
-    `large_dtype` / `large_quantization` set a combined model's frozen part (`LLMModulesForCausalLM.from_pretrained`).
+    `large_dtype` / `large_quantization` set a combined model's frozen part, `trained_quantization` its trained parts
+    (`LLMModulesForCausalLM.from_pretrained`).
 
     Raises `ModelSourceError` for a missing path or a dir that is not a model, `ValueError` when no tokenizer is saved
     or when a frozen-model precision is asked of a plain model.
@@ -216,15 +217,17 @@ def load_model_and_tokenizer(
     source = resolve_model_source(model, "--model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if trained_quantization and device != "cpu":
+        raise ValueError(f"--trained-quantization runs on the CPU, not on {device}")
     if not is_gguf(source) and load_config(source).model_type == "llm_modules":
         loaded = LLMModulesForCausalLM.from_pretrained(
             source, large_model_name_or_path=large_model, dtype=dtype, large_dtype=large_dtype,
-            large_quantization=large_quantization,
+            large_quantization=large_quantization, trained_quantization=trained_quantization,
         )
         tokenizer = loaded.tokenizer
-    elif large_dtype or large_quantization:
-        raise ValueError("--large-dtype/--large-quantization set the frozen part of a combined model; this is a plain "
-                         "causal LM")
+    elif large_dtype or large_quantization or trained_quantization:
+        raise ValueError("--large-dtype/--large-quantization/--trained-quantization set the parts of a combined model; "
+                         "this is a plain causal LM")
     else:
         loaded, tokenizer = load_causal_lm(source, dtype=dtype), load_tokenizer(source)
     if tokenizer is None:

@@ -297,7 +297,8 @@ class LLMModulesForCausalLM(CheckpointMixin, LLMModulesPreTrainedModel, Generati
                 states = list(large_hidden_states.split(widths, dim=-1))
             if len(states) != self.config.num_sources:
                 raise ValueError(f"large_hidden_states holds {len(states)} sources; the model has {self.config.num_sources}")
-        bridge_dtype = self.bridge.pre_proj.weight.dtype
+        # The bridge's compute dtype: its norms' (its linear layers may be int8 at inference, `quantize_trained_parts`).
+        bridge_dtype = next(p.dtype for p in self.bridge.parameters() if p.is_floating_point())
         states = [state.to(bridge_dtype) for state in states]
         if self.config.source_fusion == "concat":
             states = [torch.cat(states, dim=-1)]

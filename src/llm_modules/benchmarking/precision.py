@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from ..configuration import LLMModulesConfig
 from ..modeling import LLMModulesForCausalLM
-from ..quantization import LARGE_QUANTIZATIONS, quantize_frozen_model
+from ..quantization import LARGE_QUANTIZATIONS, quantize_frozen_model, quantize_trained_parts
 from . import Clock, _generate, _random_ids, _table, cached_step_seconds, machine_info
 
 PRECISIONS = ("float32", "bfloat16", "float16", *LARGE_QUANTIZATIONS)
@@ -28,10 +28,12 @@ BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2, "fp16": 2, "int8"
 
 
 def _load_precision(
-    precision: str, config: LLMModulesConfig | None, large: str | None, small: str | None
+    precision: str, config: LLMModulesConfig | None, large: str | None, small: str | None,
+    trained_quantization: str | None = None,
 ) -> dict[str, torch.nn.Module]:
     """large alone, small alone and the combined model (sharing large alone's base) with the frozen model in
-    `precision`: a torch dtype name, or a `large_quantization` applied to bfloat16 weights."""
+    `precision`: a torch dtype name, or a `large_quantization` applied to bfloat16 weights; the trained parts (and
+    the small model alone) in float32, or quantized by `trained_quantization`."""
     from ..sources import load_causal_lm
 
     load_dtype = getattr(torch, precision) if precision in ("float32", "bfloat16", "float16") else torch.bfloat16
@@ -47,8 +49,11 @@ def _load_precision(
     if precision in LARGE_QUANTIZATIONS:
         quantize_frozen_model(large_alone, precision)
     combined = LLMModulesForCausalLM(config, large_model=large_alone.base_model, small_model=small_base)
-    for part in (combined.bridge, combined.small, combined.lm_head):
+    for part in (combined.bridges, combined.depth, combined.small, combined.lm_head):
         part.float()
+    if trained_quantization is not None:
+        quantize_trained_parts(combined, trained_quantization)
+        quantize_frozen_model(small_alone, trained_quantization)
     return {"combined": combined.eval(), "large_alone": large_alone.eval(), "small_alone": small_alone.eval()}
 
 
@@ -63,9 +68,11 @@ def bench_precision(
     new_tokens: int = 16,
     seed: int = 0,
     clock: str = "wall",
+    trained_quantization: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Seconds per generated token for each precision of the frozen model, thread count and context (CPU only).
+    `trained_quantization` ("int8"): the trained parts and the small model alone quantized too (else float32).
 
     `large`/`small`: real checkpoints (dirs or .gguf files); without them the models are built from `config`
     (default: the paper's pair) with random weights. Returns a dict with `rows` (one per precision, threads and
@@ -85,7 +92,8 @@ def bench_precision(
     rows, loads = [], {}
     for precision in precisions:
         log(f"loading the frozen model in {precision} ...")
-        models, loads[precision] = Clock(device).time(lambda: _load_precision(precision, config, large, small))
+        models, loads[precision] = Clock(device).time(lambda: _load_precision(precision, config, large, small,
+                                                                                  trained_quantization))
         combined, large_alone, small_alone = models["combined"], models["large_alone"], models["small_alone"]
         large_vocab, small_vocab = combined.config.large_config.vocab_size, combined.config.small_config.vocab_size
         generator = torch.Generator().manual_seed(seed)  # the same prompts for every precision
@@ -122,7 +130,7 @@ def bench_precision(
             "large": large or config.large_config.model_type,
             "small": small or config.small_config.model_type,
             "weights": "real" if large else "random",
-            "trained_parts": "float32",
+            "trained_parts": trained_quantization or "float32",
             "new_tokens": new_tokens,
             "seed": seed,
             "clock": clock,

@@ -112,7 +112,8 @@ def large_model_paths(args: argparse.Namespace) -> str | list[str] | None:
 
 
 def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--large-dtype` and `--large-quantization`: the precision of a combined model's frozen part at load time."""
+    """`--large-dtype`, `--large-quantization` and `--trained-quantization`: the precision of a combined model's
+    frozen and trained parts at load time."""
     parser.add_argument(
         "--large-dtype", choices=["float32", "bfloat16", "float16"],
         help="the frozen model of a combined model (default: bfloat16 on a GPU, float32 on CPU)",
@@ -120,6 +121,11 @@ def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--large-quantization", choices=["int8", "fp16"],
         help="the frozen model's linear layers on the CPU: int8 (fastest) or float16 weights (docs/performance.md)",
+    )
+    parser.add_argument(
+        "--trained-quantization", choices=["int8"],
+        help="the trained parts' linear layers (bridge, small model, head) on the CPU: int8 weights, for inference "
+        "(docs/performance.md)",
     )
 
 

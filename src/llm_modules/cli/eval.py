@@ -52,6 +52,7 @@ def run_eval(args: argparse.Namespace) -> None:
         model, tokenizer = load_model_for_eval(
             model_source, large_source, args.device, args.trust_remote_code, large_dtype=args.large_dtype,
             large_quantization=args.large_quantization,
+            trained_quantization=args.trained_quantization,
         )
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}") from error

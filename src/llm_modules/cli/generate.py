@@ -107,6 +107,7 @@ def load_model(args: argparse.Namespace):
         return load_model_and_tokenizer(
             args.model, large_model=large_model_paths(args), device=args.device, large_dtype=args.large_dtype,
             large_quantization=args.large_quantization,
+            trained_quantization=args.trained_quantization,
         )
     except ValueError as error:  # no tokenizer saved with the model
         raise UsageError(f"--model {args.model}: {error}") from error

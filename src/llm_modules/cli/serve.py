@@ -63,7 +63,8 @@ def run_vllm_serve(args: argparse.Namespace) -> None:
     from ..vllm.launch import serve_on_vllm
     from ..vllm.support import UnsupportedForVllm
 
-    ignored = [flag for flag, given in (("--large-quantization", args.large_quantization), ("--system", args.system),
+    ignored = [flag for flag, given in (("--large-quantization", args.large_quantization),
+                                        ("--trained-quantization", args.trained_quantization), ("--system", args.system),
                                         ("--device", args.device)) if given]
     if ignored:
         raise UsageError(f"{', '.join(ignored)} do not apply to --engine vllm")
@@ -97,6 +98,7 @@ def run_serve(args: argparse.Namespace) -> None:
         model, tokenizer = serving.load_model(
             source, large_model=large_model_paths(args), device=args.device, large_dtype=args.large_dtype,
             large_quantization=args.large_quantization,
+            trained_quantization=args.trained_quantization,
         )
     except ValueError as error:
         raise UsageError(f"--model {args.model}: {error}") from error

@@ -565,13 +565,14 @@ async def stream_events(
 
 def load_model(
     model: str | Path, *, large_model: str | list[str] | None = None, device: str | None = None, large_dtype: str | None = None,
-    large_quantization: str | None = None,
+    large_quantization: str | None = None, trained_quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A saved combined model (or a plain Hugging Face causal LM: a dir, a hub id or a .gguf file) and its tokenizer,
-    on `device`, its frozen part in `large_dtype` / `large_quantization` (`generation.load_model_and_tokenizer`)."""
+    on `device`, its frozen part in `large_dtype` / `large_quantization`, its trained parts in `trained_quantization`
+    (`generation.load_model_and_tokenizer`)."""
     return load_model_and_tokenizer(
         str(model), large_model=large_model, device=device, large_dtype=large_dtype,
-        large_quantization=large_quantization,
+        large_quantization=large_quantization, trained_quantization=trained_quantization,
     )
 
 
