@@ -6,7 +6,8 @@
    GSM8K-style problems with step-by-step answers (reasoning-gym's `gsm_symbolic` generators, Apache-2.0, read from
    its hash-checked wheel; never installed).
 2. A combined model trained briefly with float32 frozen features (`llm-modules train`, through the feature cache),
-   then evaluated on held-out rows with the frozen model in each precision: validation loss (assistant tokens).
+   then evaluated on held-out rows with the frozen model in each precision, and with its trained parts in int8
+   (`--trained-quantization`): validation loss, perplexity and argmax agreement with float32 (assistant tokens).
 
     python benchmarks/precision_quality.py --large DIR --small DIR --out DIR
 
@@ -29,6 +30,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("float32", "bfloat16", "fp16", "int8")
+# The combined model at evaluation: the frozen model in each precision (trained parts float32), then the trained
+# parts in int8 too (`--trained-quantization`).
+COMBINED_SETTINGS = {
+    "float32": {"large_dtype": torch.float32},
+    "bfloat16": {"large_dtype": torch.bfloat16},
+    "fp16": {"large_quantization": "fp16"},
+    "int8": {"large_quantization": "int8"},
+    "float32, trained int8": {"large_dtype": torch.float32, "trained_quantization": "int8"},
+    "int8, trained int8": {"large_quantization": "int8", "trained_quantization": "int8"},
+}
 SYSTEM = "Solve the problem. Think step by step, then give the final answer."
 
 
@@ -113,28 +124,33 @@ def combined_model_quality(large: str, small: str, train_rows: list[dict], val_r
     ], check=True)
     train_s = time.perf_counter() - start
     results = {"train_rows": len(train_rows), "val_rows": len(val_rows), "steps": steps, "train_seconds": train_s}
-    for precision in PRECISIONS:
-        options = {"large_dtype": torch.float32} if precision == "float32" else (
-            {"large_dtype": torch.bfloat16} if precision == "bfloat16" else {"large_quantization": precision})
+    reference: list[torch.Tensor] = []
+    for name, options in COMBINED_SETTINGS.items():
         model = LLMModulesForCausalLM.from_pretrained(out, **options).eval()
-        total, count = 0.0, 0
-        for row in val_rows:
+        total, count, agree = 0.0, 0, 0
+        for index, row in enumerate(val_rows):
             encoded = encode_conversation(row, model.tokenizer)
             labels = torch.tensor([encoded["labels"]])
             with torch.inference_mode():
-                loss = model(torch.tensor([encoded["input_ids"]]), labels=labels).loss.item()
-            n = int((labels[0, 1:] != -100).sum())
-            total, count = total + loss * n, count + n
-        results[precision] = {"val_loss": total / count}
-        print(f"combined, frozen {precision}: val loss {total / count:.4f}", flush=True)
+                output = model(torch.tensor([encoded["input_ids"]]), labels=labels)
+            scored = labels[0, 1:] != -100  # the assistant tokens the loss counts
+            argmax = output.logits[0, :-1][scored].argmax(-1)
+            if name == "float32":
+                reference.append(argmax)
+            agree += int((argmax == reference[index]).sum())
+            n = int(scored.sum())
+            total, count = total + output.loss.item() * n, count + n
+        results[name] = {"val_loss": total / count, "perplexity": math.exp(total / count), "agreement": agree / count}
+        print(f"combined, {name}: val loss {total / count:.4f}, agreement {agree / count:.3f}", flush=True)
         del model
     return results
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Frozen model {result['large']} alone, teacher-forced ({result['machine']}):", "",
-             "| frozen model | text | tokens | argmax agreement with float32 | perplexity | change |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [] if "frozen" not in result else [
+        f"Frozen model {result['large']} alone, teacher-forced ({result['machine']}):", "",
+        "| frozen model | text | tokens | argmax agreement with float32 | perplexity | change |",
+        "| --- | --- | ---: | ---: | ---: | ---: |"]
     for precision, kinds in result.get("frozen", {}).items():
         for kind, r in kinds.items():
             lines.append(f"| {precision} | {kind} | {r['tokens']} | {r['agreement']:.1%} | {r['perplexity']:.3f} | "
@@ -142,12 +158,14 @@ def markdown(result: dict) -> str:
     c = result.get("combined")
     if c is None:
         return "\n".join(lines) + "\n"
-    lines += ["", f"Combined model trained {c['steps']} steps on {c['train_rows']} rows with float32 frozen features, "
+    lines += ["" if lines else f"({result['machine']})", f"Combined model trained {c['steps']} steps on {c['train_rows']} rows with float32 frozen features, "
               f"held-out loss on {c['val_rows']} rows (assistant tokens):", "",
-              "| frozen model at evaluation | validation loss | change |", "| --- | ---: | ---: |"]
-    for precision in PRECISIONS:
-        loss = c[precision]["val_loss"]
-        lines.append(f"| {precision} | {loss:.4f} | {loss / c['float32']['val_loss'] - 1:+.2%} |")
+              "| frozen model at evaluation (trained parts float32 unless said) | validation loss | change | perplexity "
+              "| argmax agreement with float32 |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in COMBINED_SETTINGS:
+        r = c[name]
+        lines.append(f"| {name} | {r['val_loss']:.4f} | {r['val_loss'] / c['float32']['val_loss'] - 1:+.2%} | "
+                     f"{r['perplexity']:.3f} | {r['agreement']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
