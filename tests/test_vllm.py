@@ -165,3 +165,41 @@ def test_interrupting_the_launcher_stops_the_vllm_server(tmp_path):
     assert time.monotonic() - started < 60
     assert marker.read_text() == "int"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # our handler is gone again
+
+
+@pytest.mark.slow
+def test_a_model_saved_by_llm_modules_train_serves_on_vllm_with_our_tokens(vllm_env, tiny_vllm_model, tmp_path):
+    """The dir `llm-modules train` writes (its config, trained weights, tokenizer and recorded system prompt), not
+    only `save_pretrained`'s: vLLM's greedy tokens and top logprobs equal our `generate` on it, prompts in the
+    training layout of different lengths batched. Trained until it continues its rows, so its greedy choices are
+    clear (no near-ties for rounding to flip) and its output is not one token repeated."""
+    import json
+    import sys
+
+    sources = tiny_vllm_model[0].parent
+    rows = [{"system": "Continue.", "conversations": [
+        {"from": "user", "value": f"the quick brown fox {i}"},
+        {"from": "assistant", "value": f"jumps over the lazy dog {i} {i + 1} {i + 2}"}]} for i in range(16)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "trained"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "llm_modules", "train", "--large", str(sources / "qwen2"), "--small", str(sources / "llama"),
+         "--dataset", str(data), "--output-dir", str(out), "--max-steps", "20", "--batch-size", "4", "--val-split", "0",
+         "--lr-bridge", "3e-3", "--lr-small", "3e-3", "--save-steps", "20", "--seed", "0"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = LLMModulesForCausalLM.from_pretrained(out).eval()
+    # Prompts like its rows, of different lengths, batched: what it learned to answer, so not one token repeated.
+    from llm_modules.data import render_prompt, tokenize_prompt
+
+    prompts = [tokenize_prompt(model.tokenizer, render_prompt([{"role": "user", "content": f"the quick brown fox {i}"}],
+                                                              system="Continue." * (1 + i % 3)))["input_ids"]
+               for i in (2, 5, 11, 7)]
+    ours = reference(model, prompts, MAX_NEW_TOKENS)
+    assert len({token for tokens in ours["tokens"] for token in tokens}) >= 4  # a real check: varied output
+    theirs = run_vllm(vllm_env, out, {"dtype": "float32", "jobs": [{"prompts": prompts, "max_tokens": MAX_NEW_TOKENS}]})
+    assert theirs["jobs"][0]["tokens"] == ours["tokens"]
+    assert logprob_gap(ours, theirs["jobs"][0]) < LOGPROB_TOLERANCE
