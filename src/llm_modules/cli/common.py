@@ -120,7 +120,8 @@ def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--large-quantization", choices=["int8", "fp16"],
-        help="the frozen model's linear layers on the CPU: int8 (fastest) or float16 weights (docs/performance.md)",
+        help="the frozen model's linear layers on the CPU: int8 (fastest, but it breaks trained models' answers: "
+        "docs/performance.md) or float16 weights (exact)",
     )
     parser.add_argument(
         "--trained-quantization", choices=["int8"],
