@@ -194,9 +194,8 @@ def quantize_trained_parts(model: nn.Module, method: str = "int8") -> nn.Module:
     if method not in TRAINED_QUANTIZATIONS:
         raise ValueError(f"trained_quantization must be one of {TRAINED_QUANTIZATIONS}, got {method!r}")
     # The trained parts are direct children; the frozen sources are left as they were loaded.
-    for name in ("bridges", "depth", "small"):
-        part = getattr(model, name, None)
-        if part is not None and any(True for _ in part.parameters()):
+    for part in (model.bridges, model.depth, model.small):
+        if next(part.parameters(), None) is not None:  # `depth` is empty without depth connections
             quantize_frozen_model(part, method)
     with warnings.catch_warnings():  # torch's deprecation notice of torch.ao (see the module docstring)
         warnings.simplefilter("ignore", UserWarning)
