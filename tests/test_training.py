@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from llm_modules import LLMModulesForCausalLM, presets
 from llm_modules.data import prepare_datasets
@@ -139,6 +140,33 @@ def test_accumulation_gives_the_update_of_one_big_batch(tiny_pair, tmp_path):
         torch.testing.assert_close(weights[0][name], weights[1][name], msg=name)
 
 
+def test_bridge_only_steps_train_the_bridge_alone_then_everything_on_the_same_schedule(tiny_pair, tmp_path):
+    model = compose(tiny_pair, dropout=0.0)
+    train_set, _ = data(model)
+    start = {k: v.clone() for k, v in model.trained_state_dict().items()}
+    seen = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append({k: v.clone() for k, v in model.trained_state_dict().items()})
+
+    opts = options(tmp_path, max_steps=4, bridge_only_steps=2, lr_scheduler="linear")
+    trainer = train(model, model.tokenizer, train_set, None, opts, callbacks=[Snapshot()])
+    bridge = [k for k in start if k.startswith("bridge")]
+    small = [k for k in start if not k.startswith("bridge")]
+    assert bridge and small and len(seen) == 4
+    for step in (0, 1):  # optimizer steps 1 and 2: the bridge moves, the small model and the head wait
+        assert all(torch.equal(seen[step][k], start[k]) for k in small)
+        assert not all(torch.equal(seen[step][k], start[k]) for k in bridge)
+    assert not all(torch.equal(seen[2][k], seen[1][k]) for k in small)
+    # After the phase, the small model's groups are where the shared schedule is (linear decay over the 4 steps).
+    groups = trainer.optimizer.optimizer.param_groups
+    schedule = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
+    assert schedule.lr_lambdas[[g["name"] for g in groups].index("bridge")](2) == pytest.approx(0.5)
+    small_index = [g["name"] for g in groups].index("small")
+    assert [schedule.lr_lambdas[small_index](step) for step in range(4)] == pytest.approx([0, 0, 0.5, 0.25])
+
+
 def test_gradient_checkpointing_of_the_small_model_changes_no_weight(tiny_pair, tmp_path):
     weights = []
     for checkpointing in (False, True):
@@ -206,7 +234,7 @@ def test_model_card_describes_the_data_it_was_given(tiny_pair, tmp_path):
     [("epochs", 0), ("epochs", -1), ("max_steps", 0), ("lr_bridge", 0.0), ("lr_small", -5e-5), ("subset", 0),
      ("subset", 1.5), ("val_split", 1.0), ("warmup", -1), ("warmup", 2.5), ("min_delta", -1e-4), ("max_length", 1),
      ("batch_size", 0), ("patience", -1), ("epochs", float("nan")), ("epochs", True), ("seed", -1),
-     ("loss_on", "everything")],
+     ("loss_on", "everything"), ("bridge_only_steps", -1), ("bridge_only_steps", 1.5)],
 )
 def test_options_out_of_range_are_refused_by_the_rule_of_their_flag(name, value):
     with pytest.raises(ValueError, match=rf"^{name} must be .*, got {value!r}$"):

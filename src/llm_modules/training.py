@@ -18,8 +18,10 @@ What we add to the Trainer, and why:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -72,7 +74,7 @@ RUN_OPTIONS = {
     "large": "--large", "small": "--small", "small_init": "--small-init", "model_options": None,
     "large_dtype": None, "dataset": "--dataset", "dataset_split": None, "dataset_revision": None,
     "max_length": "--max-length", "subset": "--subset", "val_split": "--val-split", "loss_on": "--loss-on",
-    "lr_bridge": "--lr-bridge", "lr_small": "--lr-small",
+    "lr_bridge": "--lr-bridge", "lr_small": "--lr-small", "bridge_only_steps": "--bridge-only-steps",
 }
 # Options only `prepare_datasets` reads: the model card takes them from the data's `DataReport`, not from the options.
 DATA_PREPARATION = ("dataset", "dataset_split", "dataset_revision", "max_length", "subset", "val_split", "loss_on", "strict")
@@ -122,6 +124,9 @@ class TrainingOptions:
     lr_small: float = 5e-5  # the small model and the new head
     weight_decay: float = 0.01  # torch AdamW's default; the paper names no other
     warmup: float = 0.0  # steps (>= 1) or a fraction of all steps (< 1)
+    # The first steps (>= 1) or fraction of all steps (< 1) train the bridge alone: the small model and the head wait
+    # (learning rate 0) until the bridge feeds the small model inputs it can use (a LLaVA-style stage 1).
+    bridge_only_steps: float = 0.0
     lr_scheduler: str = "constant_with_warmup"  # the paper names no schedule: constant after the warmup
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto: bf16 (or fp16) on GPU, fp32 on CPU
@@ -197,6 +202,17 @@ def parameter_groups(
     ]
 
 
+def bridge_only_step_count(bridge_only_steps: float, num_training_steps: int) -> int:
+    """Optimizer steps of the bridge-only phase: `bridge_only_steps` itself when >= 1, else that fraction of all."""
+    if bridge_only_steps >= 1:
+        return int(bridge_only_steps)
+    return math.ceil(bridge_only_steps * num_training_steps)
+
+
+def _after_bridge_only(steps: int, schedule, step: int) -> float:
+    return 0.0 if step < steps else schedule(step)
+
+
 class _StepGuard(TrainerCallback):
     """Drops the gradients of an optimizer step whose loss was not finite, just before the optimizer sees them."""
 
@@ -213,10 +229,12 @@ class LLMModulesTrainer(ShardedTrainingMixin, Trainer):
 
     _staging = _deferred_push = False  # during a checkpoint's save: see _save_checkpoint
 
-    def __init__(self, *args: Any, lr_bridge: float = 1e-4, lr_small: float = 5e-5, max_nonfinite_steps: int = 10,
-                 save_total_limit: int | None = None, model_card: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, lr_bridge: float = 1e-4, lr_small: float = 5e-5, bridge_only_steps: float = 0.0,
+                 max_nonfinite_steps: int = 10, save_total_limit: int | None = None,
+                 model_card: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.lr_bridge, self.lr_small = lr_bridge, lr_small
+        self.bridge_only_steps = bridge_only_steps
         self.max_nonfinite_steps = max_nonfinite_steps
         # Rotation runs after the completion marker is written (the Trainer's own would run before it).
         self.checkpoint_limit = save_total_limit
@@ -238,6 +256,22 @@ class LLMModulesTrainer(ShardedTrainingMixin, Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The Trainer's schedule; with `bridge_only_steps`, the small model's and head's groups held at learning rate
+        0 for those first steps (their schedule is otherwise the same, so it does not restart after them)."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.bridge_only_steps:
+            steps = bridge_only_step_count(self.bridge_only_steps, num_training_steps)
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                raise ValueError(f"bridge_only_steps needs a LambdaLR schedule, got lr_scheduler "
+                                 f"{self.args.lr_scheduler_type!r}")
+            for index, group in enumerate(scheduler.optimizer.param_groups):
+                if not group["name"].startswith("bridge"):
+                    scheduler.lr_lambdas[index] = functools.partial(_after_bridge_only, steps,
+                                                                    scheduler.lr_lambdas[index])
+                    group["lr"] = scheduler.base_lrs[index] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        return scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
@@ -440,6 +474,7 @@ def build_trainer(
         callbacks=callbacks,
         lr_bridge=options.lr_bridge,
         lr_small=options.lr_small,
+        bridge_only_steps=options.bridge_only_steps,
         max_nonfinite_steps=options.max_nonfinite_steps,
         save_total_limit=options.save_total_limit,
         model_card=model_card,

@@ -44,6 +44,9 @@ def add_compare(subparsers) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.125, help="validation split of the train rows")
     parser.add_argument("--n-train", type=int_at_least(2), default=64, help="built-in task: rows drawn per seed")
     parser.add_argument("--n-eval", type=int_at_least(1), default=60, help="built-in task: held-out questions")
+    parser.add_argument("--bridge-only-steps", type=float, default=0.0, metavar="N",
+                        help="combined systems: train the bridge alone for the first N steps (or that fraction of "
+                        "all if < 1) before the small model and head join (default 0)")
     parser.add_argument("--lora-rank", type=int_at_least(1), default=64, help="large_lora: the adapters' rank")
     parser.add_argument("--lora-large", help="large_lora only: another large model (say so in every table)")
     parser.add_argument("--output-dir", default="llm-modules-compare", help="where results go")
@@ -61,6 +64,9 @@ def run_compare(args: argparse.Namespace) -> None:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.max_epochs <= 0 or any(lr <= 0 for lr in args.learning_rates):
         raise UsageError("--max-epochs and --learning-rates must be > 0")
+    if not (args.bridge_only_steps >= 0 and (args.bridge_only_steps < 1 or args.bridge_only_steps.is_integer())):
+        raise UsageError(f"--bridge-only-steps must be a fraction in [0, 1) or a whole number of steps, "
+                         f"got {args.bridge_only_steps:g}")
     from ..compare import CompareSettings, FitBudget, SystemOptions, run_compare as run
     from ..compare.systems import SYSTEMS
     from ..compare.tasks import BUILTIN_TASKS
@@ -76,7 +82,8 @@ def run_compare(args: argparse.Namespace) -> None:
         n_eval=args.n_eval, val_fraction=args.val_fraction, systems=tuple(args.systems), seeds=tuple(args.seeds),
         budget=FitBudget(max_epochs=args.max_epochs, batch_size=args.batch_size,
                          learning_rates=tuple(args.learning_rates), patience=args.patience),
-        options=SystemOptions(lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_large=args.lora_large),
+        options=SystemOptions(lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_large=args.lora_large,
+                              bridge_only_steps=args.bridge_only_steps),
     )
     try:
         settings.check()

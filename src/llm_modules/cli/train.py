@@ -58,6 +58,8 @@ def add_train(subparsers) -> None:
     add("--lr-bridge", type=option("lr_bridge"), help="learning rate of the bridge, > 0 (default 1e-4)")
     add("--lr-small", type=option("lr_small"), help="learning rate of the small model and the head, > 0 (default 5e-5)")
     add("--warmup", type=option("warmup"), help="warmup steps, or a fraction of all steps if < 1 (default 0)")
+    add("--bridge-only-steps", type=option("bridge_only_steps"), help="train the bridge alone for the first steps "
+        "(the small model and head wait), or that fraction of all steps if < 1 (default 0)")
     add("--max-length", type=option("max_length"), help="drop longer examples, in large-model tokens (default 4096)")
     add("--subset", type=option("subset"), help="random fraction in (0, 1] of the valid rows to train on "
         "(default 1: every row; the paper: 0.3)")

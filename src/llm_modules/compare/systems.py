@@ -51,6 +51,7 @@ class SystemOptions:
         "head_init": "small",
     })
     bridge_lr_ratio: float = 10 / 3  # the real demo's 1e-3 bridge / 3e-4 small model
+    bridge_only_steps: float = 0.0  # steps, or a fraction of all, that train the bridge alone (`TrainingOptions`)
     feature_cache_dtype: str = "float16"
     # LoRA: rank, scaling alpha, which layers ("all-linear": every linear layer but the LM head, QLoRA's choice).
     lora_rank: int = 64
@@ -219,7 +220,8 @@ def fit_combined(context: Context, lr: float, random_source: bool = False) -> Fi
     output_dir = context.work_dir / f"{name}-lr{lr:g}"
     training = TrainingOptions(
         output_dir=str(output_dir), epochs=budget.max_epochs, batch_size=budget.batch_size, seed=budget.seed,
-        lr_bridge=lr * options.bridge_lr_ratio, lr_small=lr, weight_decay=budget.weight_decay, warmup=budget.warmup,
+        lr_bridge=lr * options.bridge_lr_ratio, lr_small=lr, bridge_only_steps=options.bridge_only_steps,
+        weight_decay=budget.weight_decay, warmup=budget.warmup,
         lr_scheduler=budget.lr_scheduler, logging_steps=budget.logging_steps, patience=0, report_to="none",
         trainer_args={"save_strategy": "no", "eval_strategy": "epoch" if cached_val is not None else "no",
                       "load_best_model_at_end": False,

@@ -45,6 +45,8 @@ LIMITS: dict[str, tuple[type, Any, str]] = {
     "lr_small": (float, lambda v: v > 0, "a number > 0"),
     "weight_decay": (float, lambda v: v >= 0, "a number >= 0"),
     "warmup": (float, lambda v: v >= 0 and (v < 1 or v == int(v)), "a fraction in [0, 1) or a whole number of steps"),
+    "bridge_only_steps": (float, lambda v: v >= 0 and (v < 1 or v == int(v)),
+                          "a fraction in [0, 1) or a whole number of steps"),
     "max_grad_norm": (float, lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
     "max_length": (int, lambda v: v >= 2, "an integer >= 2"),
     "subset": (float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
