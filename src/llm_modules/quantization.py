@@ -13,7 +13,7 @@ the pinned torch range keeps it, and tests cover it, until torchao's eager CPU p
 - `"fp16"`: every linear layer holds float16 weights; activations stay float32 (no overflow, same results as float32
   to about 1e-3).
 - `"int8"`: every linear layer holds int8 weights (symmetric, one scale per output channel); activations are quantized
-  to int8 per token at run time (`Int8Linear`).
+  to int8 per token at run time, their few outlier features (magnitude > 6) multiplied in float32 (`Int8Linear`).
 
 Linear layers are torch's `nn.Linear` and transformers' `Conv1D` (GPT-2 and its family: the same product with the
 weight stored transposed, `[in, out]`). A model holding a weight matrix in a layer of any other kind is refused,
@@ -28,12 +28,16 @@ model with `quantization_config=BitsAndBytesConfig(load_in_8bit=True)` instead (
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 from torch import nn
 
 LARGE_QUANTIZATIONS = ("int8", "fp16")
 TRAINED_QUANTIZATIONS = ("int8",)
+# Input features beyond this magnitude skip int8 (`Int8Linear`): LLM.int8()'s threshold. On Qwen2.5-Coder-1.5B's last
+# hidden state at position 0, int8 without it gave cosine -0.56 to float32, with it 0.9994 (20: 0.9976).
+INT8_OUTLIER_THRESHOLD = 6.0
 
 
 class UnsupportedLayerError(ValueError):
@@ -42,16 +46,23 @@ class UnsupportedLayerError(ValueError):
 
 
 class Int8Linear(nn.Module):
-    """`y = x W^T + b` with int8 weights and int8 activations scaled per token (per row of `x`).
+    """`y = x W^T + b` with int8 weights and int8 activations scaled per token (per row of `x`), the few outlier
+    input features computed apart in float32 (LLM.int8(), Dettmers et al. 2022).
 
     fbgemm's dynamic kernel scales the activations per tensor: over a prompt, one token with outsized activations
     (the first token of Qwen models carries values ~100x the rest) would flatten every other token to a few int8
     levels. Dividing each row by its own max first and multiplying the output back is exact algebra (the product is
-    linear in each row) and makes the kernel's scale a per-token one. Shapes: `x` (..., in_features) float32 ->
-    (..., out_features) float32.
+    linear in each row) and makes the kernel's scale a per-token one.
+
+    Within a row, one feature can still dwarf the others: Qwen2.5's first token holds one input feature of 30-330
+    where the rest are ~1, so its own int8 scale rounds every other feature to 0 or 1 step, and its hidden states
+    come out wrong (measured in docs/performance.md). Input features whose magnitude passes `outlier_threshold` in any
+    row of the call are therefore taken out of the int8 product and multiplied in float32 with those weight columns
+    (dequantized from the int8 weights, kept for the features seen so far), as LLM.int8() does; `None` turns it off.
+    Shapes: `x` (..., in_features) float32 -> (..., out_features) float32.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, outlier_threshold: float | None = None):
         super().__init__()
         from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
         from torch.ao.quantization import per_channel_dynamic_qconfig
@@ -63,11 +74,34 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.outlier_threshold = outlier_threshold
+        # Float32 weight columns of the outlier features met so far, by feature index: outlier features are few and
+        # recur (the same channels, token after token), so each is dequantized once.
+        self._outlier_columns: dict[int, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outliers = None
+        if self.outlier_threshold is not None:
+            features = (x.abs() > self.outlier_threshold).reshape(-1, self.in_features).any(0).nonzero().flatten()
+            if len(features):
+                outliers = x.index_select(-1, features) @ self._columns(features).T
+                x = x.index_fill(-1, features, 0.0)
         scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         y = self.product(x / scale) * scale
+        if outliers is not None:
+            y = y + outliers
         return y if self.bias is None else y + self.bias
+
+    def _columns(self, features: torch.Tensor) -> torch.Tensor:
+        """`[out_features, len(features)]` float32: the int8 weight's columns of `features`, dequantized."""
+        wanted = features.tolist()
+        missing = [i for i in wanted if i not in self._outlier_columns]
+        if missing:
+            weight = self.product.weight()  # unpacks the whole matrix once for every new feature of this call
+            scales = weight.q_per_channel_scales().float()
+            for i, column in zip(missing, (weight.int_repr()[:, missing].float() * scales[:, None]).T):
+                self._outlier_columns[i] = column.contiguous()
+        return torch.stack([self._outlier_columns[i] for i in wanted], dim=1)
 
 
 class Float32Embedding(nn.Module):
@@ -156,7 +190,7 @@ def quantize_frozen_model(model: nn.Module, method: str = "int8") -> nn.Module:
     if engine is None:
         raise RuntimeError(f"this PyTorch build has no x86/fbgemm quantized engine (it has {engines})")
     torch.backends.quantized.engine = engine
-    swap = Int8Linear if method == "int8" else _float16_linear
+    swap = partial(Int8Linear, outlier_threshold=INT8_OUTLIER_THRESHOLD) if method == "int8" else _float16_linear
     # Module swapping by hand: `torch.ao.quantization.quantize_dynamic` wants the whole model in float32 first (a
     # 1.5B model loaded in bfloat16 would double in memory) and has no per-token activation scales.
     # Names, not modules: a list holding the replaced modules would keep every layer's float32 copy alive until the end
@@ -199,5 +233,5 @@ def quantize_trained_parts(model: nn.Module, method: str = "int8") -> nn.Module:
             quantize_frozen_model(part, method)
     with warnings.catch_warnings():  # torch's deprecation notice of torch.ao (see the module docstring)
         warnings.simplefilter("ignore", UserWarning)
-        model.lm_head = Int8Linear(as_linear(model.lm_head))
+        model.lm_head = Int8Linear(as_linear(model.lm_head), outlier_threshold=INT8_OUTLIER_THRESHOLD)
     return model
