@@ -95,9 +95,10 @@ def test_the_preset_is_compares_task_pair_and_systems_at_the_measured_settings()
         assert settings.learning_rates("combined") == (3e-4,) and settings.learning_rates("small_sft") == (1e-4,)
         assert settings.options.combined_options["head_init"] == "small"
     assert REAL_LEARNING_RATES == {"small_sft": (1e-4,), "combined": (3e-4,)}
-    assert (quick.n_train, quick.n_eval, quick.budget.max_epochs, quick.budget.batch_size) == (32, 20, 7, 4)
+    assert (quick.n_train, quick.n_eval, quick.budget.max_epochs, quick.budget.batch_size) == (32, 20, 10, 4)
     assert (full.n_train, full.n_eval, full.budget.max_epochs, full.budget.batch_size) == (64, 60, 8, 8)
     assert quick.options.combined_options["dropout"] == 0.0 and full.options.combined_options["dropout"] == 0.1
+    assert quick.options.bridge_only_steps == 0.25 and full.options.bridge_only_steps == 0.0
 
 
 def test_every_system_runs_and_reports_on_tiny_models(tiny_chat_pair, tmp_path, one_thread):
