@@ -56,9 +56,10 @@ def test_int8_linear_takes_outlier_features_out_of_int8_as_llm_int8_does():
     assert error(without, 0) > 0.05  # the failure
     for row in range(4):
         assert error(with_threshold, row) < 0.02, f"row {row}: {error(with_threshold, row):.4f}"
-    assert sorted(layer._outlier_columns) == [7, 100]  # only the features that passed the threshold
+    assert (layer.outlier_slot >= 0).nonzero().flatten().tolist() == [7, 100]  # only the features past the threshold
     weight = layer.product.weight().dequantize()
-    torch.testing.assert_close(layer._outlier_columns[100], weight[:, 100])
+    torch.testing.assert_close(layer.outlier_columns[:, layer.outlier_slot[100]], weight[:, 100])
+    torch.testing.assert_close(layer(x), with_threshold)  # again, from the kept columns
     # A call without outliers is the plain per-token int8 product.
     torch.testing.assert_close(layer(x[1:2]), Int8Linear(linear)(x[1:2]))
 

@@ -75,9 +75,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.outlier_threshold = outlier_threshold
-        # Float32 weight columns of the outlier features met so far, by feature index: outlier features are few and
-        # recur (the same channels, token after token), so each is dequantized once.
-        self._outlier_columns: dict[int, torch.Tensor] = {}
+        # Float32 weight columns of the outlier features met so far (`[out_features, k]`) and each input feature's
+        # column there (-1: none yet): outlier features are few and recur (the same channels, token after token), so
+        # each is dequantized once.
+        self.register_buffer("outlier_columns", torch.zeros(linear.out_features, 0), persistent=False)
+        self.register_buffer("outlier_slot", torch.full((linear.in_features,), -1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outliers = None
@@ -94,14 +96,13 @@ class Int8Linear(nn.Module):
 
     def _columns(self, features: torch.Tensor) -> torch.Tensor:
         """`[out_features, len(features)]` float32: the int8 weight's columns of `features`, dequantized."""
-        wanted = features.tolist()
-        missing = [i for i in wanted if i not in self._outlier_columns]
-        if missing:
-            weight = self.product.weight()  # unpacks the whole matrix once for every new feature of this call
-            scales = weight.q_per_channel_scales().float()
-            for i, column in zip(missing, (weight.int_repr()[:, missing].float() * scales[:, None]).T):
-                self._outlier_columns[i] = column.contiguous()
-        return torch.stack([self._outlier_columns[i] for i in wanted], dim=1)
+        missing = features[self.outlier_slot[features] < 0]
+        if len(missing):
+            weight = self.product.weight()  # unpacks the whole matrix, once per call that meets a new feature
+            columns = weight.int_repr()[:, missing].float() * weight.q_per_channel_scales().float()[:, None]
+            self.outlier_slot[missing] = torch.arange(len(missing)) + self.outlier_columns.shape[1]
+            self.outlier_columns = torch.cat([self.outlier_columns, columns], dim=1)
+        return self.outlier_columns.index_select(1, self.outlier_slot[features])
 
 
 class Float32Embedding(nn.Module):
