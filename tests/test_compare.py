@@ -222,6 +222,7 @@ def test_compare_runs_on_the_users_files(tiny_chat_pair, tmp_path, capsys, one_t
     (["--task", "nope"], 2, "unknown task 'nope'"),
     (["--train", "x.jsonl"], 2, "--train and --eval go together"),
     (["--train", "missing.jsonl", "--eval", "missing.jsonl"], 3, "--train missing.jsonl: no such file"),
+    (["--bridge-only-steps", "2.5"], 2, "--bridge-only-steps must be a fraction in [0, 1) or a whole number of steps, got 2.5"),
 ])
 def test_compare_errors_are_one_line_with_an_exit_code(tiny_chat_pair, tmp_path, capsys, extra, code, message):
     large, small = tiny_chat_pair
