@@ -50,7 +50,7 @@ def test_int8_linear_takes_outlier_features_out_of_int8_as_llm_int8_does():
     layer = Int8Linear(linear, outlier_threshold=6.0)
     with_threshold = layer(x)
 
-    def error(y, row):
+    def error(y, row, exact=exact):
         return ((y[row] - exact[row]).norm() / exact[row].norm()).item()
 
     assert error(without, 0) > 0.05  # the failure
@@ -58,8 +58,11 @@ def test_int8_linear_takes_outlier_features_out_of_int8_as_llm_int8_does():
         assert error(with_threshold, row) < 0.02, f"row {row}: {error(with_threshold, row):.4f}"
     assert (layer.outlier_slot >= 0).nonzero().flatten().tolist() == [7, 100]  # only the features past the threshold
     weight = layer.product.weight().dequantize()
-    torch.testing.assert_close(layer.outlier_columns[:, layer.outlier_slot[100]], weight[:, 100])
+    torch.testing.assert_close(layer.outlier_columns[layer.outlier_slot[100]], weight[:, 100])
     torch.testing.assert_close(layer(x), with_threshold)  # again, from the kept columns
+    more = torch.randn(2, 256)
+    more[0, 10:22] = 30.0  # 12 new features at once: the kept columns grow past their first capacity
+    assert error(layer(more), 0, exact=linear(more)) < 0.02 and layer.outlier_count == 14
     # A call without outliers is the plain per-token int8 product.
     torch.testing.assert_close(layer(x[1:2]), Int8Linear(linear)(x[1:2]))
 

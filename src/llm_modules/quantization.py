@@ -58,7 +58,7 @@ class Int8Linear(nn.Module):
     where the rest are ~1, so its own int8 scale rounds every other feature to 0 or 1 step, and its hidden states
     come out wrong (measured in docs/performance.md). Input features whose magnitude passes `outlier_threshold` in any
     row of the call are therefore taken out of the int8 product and multiplied in float32 with those weight columns
-    (dequantized from the int8 weights, kept for the features seen so far), as LLM.int8() does; `None` turns it off.
+    (dequantized from the int8 weights once per feature and kept), as LLM.int8() does; `None` turns it off.
     Shapes: `x` (..., in_features) float32 -> (..., out_features) float32.
     """
 
@@ -75,18 +75,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.outlier_threshold = outlier_threshold
-        # Float32 weight columns of the outlier features met so far (`[out_features, k]`) and each input feature's
-        # column there (-1: none yet): outlier features are few and recur (the same channels, token after token), so
-        # each is dequantized once.
-        self.register_buffer("outlier_columns", torch.zeros(linear.out_features, 0), persistent=False)
+        # The dequantized weight columns of the outlier features met so far, one row each (`[capacity, out_features]`,
+        # the first `outlier_count` in use), and each input feature's row there (-1: none yet): outlier features
+        # recur (the same channels, token after token), so each is dequantized once.
+        self.register_buffer("outlier_columns", torch.zeros(0, linear.out_features), persistent=False)
         self.register_buffer("outlier_slot", torch.full((linear.in_features,), -1), persistent=False)
+        self.outlier_count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outliers = None
         if self.outlier_threshold is not None:
             features = (x.abs() > self.outlier_threshold).reshape(-1, self.in_features).any(0).nonzero().flatten()
             if len(features):
-                outliers = x.index_select(-1, features) @ self._columns(features).T
+                outliers = x.index_select(-1, features) @ self._columns(features)
                 x = x.index_fill(-1, features, 0.0)
         scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         y = self.product(x / scale) * scale
@@ -95,14 +96,24 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _columns(self, features: torch.Tensor) -> torch.Tensor:
-        """`[out_features, len(features)]` float32: the int8 weight's columns of `features`, dequantized."""
+        """`[len(features), out_features]` float32: the int8 weight's columns of `features`, dequantized."""
         missing = features[self.outlier_slot[features] < 0]
         if len(missing):
-            weight = self.product.weight()  # unpacks the whole matrix, once per call that meets a new feature
-            columns = weight.int_repr()[:, missing].float() * weight.q_per_channel_scales().float()[:, None]
-            self.outlier_slot[missing] = torch.arange(len(missing)) + self.outlier_columns.shape[1]
-            self.outlier_columns = torch.cat([self.outlier_columns, columns], dim=1)
-        return self.outlier_columns.index_select(1, self.outlier_slot[features])
+            # The kernel itself dequantizes them: a one-hot row quantizes exactly (its scale is 1/255), so row i of
+            # the product is column `missing[i]` of the int8 weight times its scales. One product of a few rows costs
+            # about one decode step; unpacking the whole matrix to read the columns cost ~100 (measured, 1536x8960).
+            one_hot = torch.zeros(len(missing), self.in_features).index_put_(
+                (torch.arange(len(missing)), missing), torch.tensor(1.0))
+            columns = self.product(one_hot)
+            needed = self.outlier_count + len(missing)
+            if needed > len(self.outlier_columns):  # grow by doubling: features arrive a few at a time
+                grown = torch.zeros(max(needed, 2 * len(self.outlier_columns), 8), self.out_features)
+                grown[:self.outlier_count] = self.outlier_columns[:self.outlier_count]
+                self.outlier_columns = grown
+            self.outlier_columns[self.outlier_count:needed] = columns
+            self.outlier_slot[missing] = torch.arange(self.outlier_count, needed)
+            self.outlier_count = needed
+        return self.outlier_columns.index_select(0, self.outlier_slot[features])
 
 
 class Float32Embedding(nn.Module):

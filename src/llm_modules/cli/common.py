@@ -120,8 +120,8 @@ def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--large-quantization", choices=["int8", "fp16"],
-        help="the frozen model's linear layers on the CPU: int8 (fastest, but it breaks trained models' answers: "
-        "docs/performance.md) or float16 weights (exact)",
+        help="the frozen model's linear layers on the CPU: int8 (fastest; outlier features in float32, as "
+        "LLM.int8(): docs/performance.md) or float16 weights (exact)",
     )
     parser.add_argument(
         "--trained-quantization", choices=["int8"],
