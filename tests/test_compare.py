@@ -222,13 +222,20 @@ def test_compare_runs_on_the_users_files(tiny_chat_pair, tmp_path, capsys, one_t
     (["--task", "nope"], 2, "unknown task 'nope'"),
     (["--train", "x.jsonl"], 2, "--train and --eval go together"),
     (["--train", "missing.jsonl", "--eval", "missing.jsonl"], 3, "--train missing.jsonl: no such file"),
-    (["--bridge-only-steps", "2.5"], 2, "--bridge-only-steps must be a fraction in [0, 1) or a whole number of steps, got 2.5"),
 ])
 def test_compare_errors_are_one_line_with_an_exit_code(tiny_chat_pair, tmp_path, capsys, extra, code, message):
     large, small = tiny_chat_pair
     assert main(["compare", "--large", large, "--small", small, "--output-dir", str(tmp_path / "o"), *extra]) == code
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_compare_refuses_a_bad_bridge_only_steps_by_the_training_options_rule(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["compare", "--bridge-only-steps", "2.5", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and len(err.splitlines()) == 1
+    assert "argument --bridge-only-steps: must be a fraction in [0, 1) or a whole number of steps, got '2.5'" in err
 
 
 def test_compare_names_the_bad_row_and_an_unreadable_tokenizer(tiny_chat_pair, tmp_path, capsys):

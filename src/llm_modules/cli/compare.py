@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .common import int_at_least
+from .train import option
 
 SYSTEM_NAMES = ("small_zero_shot", "large_native", "small_sft", "combined", "combined_random_source", "large_lora",
                 "small_seqkd", "small_gold")  # checked against the registry when the command runs
@@ -44,7 +45,7 @@ def add_compare(subparsers) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.125, help="validation split of the train rows")
     parser.add_argument("--n-train", type=int_at_least(2), default=64, help="built-in task: rows drawn per seed")
     parser.add_argument("--n-eval", type=int_at_least(1), default=60, help="built-in task: held-out questions")
-    parser.add_argument("--bridge-only-steps", type=float, default=0.0, metavar="N",
+    parser.add_argument("--bridge-only-steps", type=option("bridge_only_steps"), default=0.0, metavar="N",
                         help="combined systems: train the bridge alone for the first N steps (or that fraction of "
                         "all if < 1) before the small model and head join (default 0)")
     parser.add_argument("--lora-rank", type=int_at_least(1), default=64, help="large_lora: the adapters' rank")
@@ -64,9 +65,6 @@ def run_compare(args: argparse.Namespace) -> None:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.max_epochs <= 0 or any(lr <= 0 for lr in args.learning_rates):
         raise UsageError("--max-epochs and --learning-rates must be > 0")
-    if not (args.bridge_only_steps >= 0 and (args.bridge_only_steps < 1 or args.bridge_only_steps.is_integer())):
-        raise UsageError(f"--bridge-only-steps must be a fraction in [0, 1) or a whole number of steps, "
-                         f"got {args.bridge_only_steps:g}")
     from ..compare import CompareSettings, FitBudget, SystemOptions, run_compare as run
     from ..compare.systems import SYSTEMS
     from ..compare.tasks import BUILTIN_TASKS
