@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from llm_modules.cli import main
 from llm_modules.compare import CompareSettings, FitBudget, SystemOptions, run_compare
 from llm_modules.compare.fitting import BestEpochCallback
+from llm_modules.compare.report import METRICS
 from llm_modules.compare.systems import Context, fit_combined, fit_large_lora
 from llm_modules.compare.tasks import builtin_task, file_native_answer, plain_row, split_validation
 
@@ -100,6 +101,48 @@ def test_seeds_are_summarized_as_mean_min_max(tiny_chat_pair, tmp_path, one_thre
     # Each seed draws its own questions.
     eval_0, eval_1 = ((tmp_path / "out" / f"seed-{s}" / "data" / "eval.jsonl").read_text() for s in (0, 1))
     assert eval_0 != eval_1
+
+    # Seeds run apart are summarized as if they had run together: the same summary, in another dir.
+    assert main(["compare", "--summarize", str(tmp_path / "out" / "seed-1"), str(tmp_path / "out" / "seed-0"),
+                 "--output-dir", str(tmp_path / "apart")]) == 0
+    apart = json.loads((tmp_path / "apart" / "results.json").read_text())
+    assert apart["seeds"] == [0, 1] and apart["systems"] == json.loads(json.dumps(results["systems"]))
+    assert (tmp_path / "apart" / "accuracy_vs_train_seconds.png").stat().st_size > 0
+
+
+def test_summarize_refuses_seeds_of_different_comparisons_in_one_line(tmp_path, capsys):
+    def seed_dir(name: str, seed: int, **changes) -> str:
+        results = {"task": {"name": "sub3", "description": "3-digit subtraction"}, "seed": seed, "n_eval": 60,
+                   "n_eval_train": 10, "n_train": 28, "n_validation": 4, "large": "/m/qwen/hf", "small": "/m/smol/hf",
+                   "options": {"lora_rank": "64"}, "budget": {"max_epochs": 7, "seed": seed}, "cpu": "AMD EPYC",
+                   "versions": {}, "torch_threads": 2, "gpu": None,
+                   "systems": {"small_sft": {**dict.fromkeys(METRICS, 1.0), "lr": 1e-4}}, **changes}
+        (tmp_path / name / f"seed-{seed}").mkdir(parents=True)
+        (tmp_path / name / f"seed-{seed}" / "results.json").write_text(json.dumps(results))
+        return str(tmp_path / name)
+
+    first, again = seed_dir("a", 0), seed_dir("b", 0)
+    fewer_rows = seed_dir("c", 1, n_eval=50)
+    other_budget = seed_dir("d", 2, budget={"max_epochs": 3, "seed": 2})
+    (tmp_path / "e" / "seed-3").mkdir(parents=True)
+    (tmp_path / "e" / "seed-3" / "results.json").write_text("{not json")
+    for dirs, code, message in [
+        ([first, again], 2, f"{again}/seed-0/results.json: seed 0 is also in {first}/seed-0/results.json"),
+        ([first, fewer_rows], 2, f"{fewer_rows}/seed-1/results.json: n_eval is 50, expected 60 as in"),
+        ([first, other_budget], 2, "budget is {'max_epochs': 3}, expected {'max_epochs': 7}"),
+        ([first, str(tmp_path / "e")], 2, "seed-3/results.json: not a seed's results of llm-modules compare"),
+        ([first, str(tmp_path / "nowhere")], 3, "--summarize " + str(tmp_path / "nowhere") + ": no such directory"),
+        ([str(tmp_path)], 3, "no seed results in it (seed-S/results.json)"),
+    ]:
+        assert main(["compare", "--summarize", *dirs, "--output-dir", str(tmp_path / "out")]) == code
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written for a refused summary
+    # The same models fetched to another place on another machine are the same comparison; its CPU is named.
+    moved = seed_dir("f", 1, large="/elsewhere/qwen/hf", small="/elsewhere/smol/hf", cpu="Intel Xeon")
+    assert main(["compare", "--summarize", first, moved, "--output-dir", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "timings from different CPUs: AMD EPYC; Intel Xeon" in table and "seeds 0, 1" in table
 
 
 # ---- the controls --------------------------------------------------------------------------------------------------

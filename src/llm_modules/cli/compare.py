@@ -51,12 +51,19 @@ def add_compare(subparsers) -> None:
     parser.add_argument("--lora-rank", type=int_at_least(1), default=64, help="large_lora: the adapters' rank")
     parser.add_argument("--lora-large", help="large_lora only: another large model (say so in every table)")
     parser.add_argument("--output-dir", default="llm-modules-compare", help="where results go")
+    parser.add_argument("--summarize", nargs="+", metavar="DIR",
+                        help="train nothing: summarize seeds that ran apart (each DIR an earlier --output-dir, or one "
+                        "of its seed-S dirs; same task, models and budget) into --output-dir's results.json, "
+                        "results.md and plot")
     parser.set_defaults(handler=run_compare)
 
 
 def run_compare(args: argparse.Namespace) -> None:
     from .common import UsageError
 
+    if args.summarize:
+        summarize_seeds(args.summarize, Path(args.output_dir))
+        return
     if args.task and (args.train or args.eval):
         raise UsageError("--task and --train/--eval are two ways to give the rows: use one")
     if bool(args.train) != bool(args.eval):
@@ -91,3 +98,19 @@ def run_compare(args: argparse.Namespace) -> None:
     print(results["table"])
     out = Path(args.output_dir)
     print(f"results in {out / 'results.json'}, plot {out / 'accuracy_vs_train_seconds.png'}")
+
+
+def summarize_seeds(dirs: list[str], output_dir: Path) -> None:
+    """`--summarize`: the summary over seeds that ran in separate invocations (on one machine or several)."""
+    from ..compare.report import load_seed_results, write_summary
+    from .common import UsageError
+
+    try:
+        per_seed = load_seed_results(dirs)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir {output_dir} is a file, expected a directory (or a new path)")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(write_summary(output_dir, per_seed)["table"])
+    print(f"results in {output_dir / 'results.json'}, plot {output_dir / 'accuracy_vs_train_seconds.png'}")

@@ -121,9 +121,12 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
 
 def write_summary(output_dir: Path, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Write results.json, results.md and accuracy_vs_train_seconds.png over the seeds; return them with "table"."""
-    first = per_seed[0]
+    # Seeds run apart (`load_seed_results`) may come from different machines: the header then names every CPU.
+    cpus = list(dict.fromkeys(results["cpu"] for results in per_seed))
+    first = {**per_seed[0], "cpu": cpus[0] if len(cpus) == 1 else "timings from different CPUs: " + "; ".join(cpus)}
     seeds = [results["seed"] for results in per_seed]
-    rows = {name: [r["systems"][name] for r in per_seed if name in r["systems"]] for name in first["systems"]}
+    names = dict.fromkeys(name for results in per_seed for name in results["systems"])  # a cut-off seed ran fewer
+    rows = {name: [r["systems"][name] for r in per_seed if name in r["systems"]] for name in names}
     table = markdown_table(rows, _header(first, seeds))
     summary = {"task": first["task"], "seeds": seeds, "options": first.get("options", {}), "n_eval": first["n_eval"],
                "cpu": first["cpu"],
@@ -136,4 +139,60 @@ def write_summary(output_dir: Path, per_seed: list[dict[str, Any]]) -> dict[str,
     return {**summary, "table": table}
 
 
-__all__ = ["markdown_table", "plot", "summarize", "write_seed_report", "write_summary"]
+# What must match for seeds run apart to be one comparison (besides the budget's fields other than the seed).
+SAME_COMPARISON = ("task", "n_eval", "n_eval_train", "n_train", "n_validation", "large", "small", "options")
+
+
+def _model_name(path: str) -> str:
+    """A fetched model's name (its dir above `hf/`), or the dir's own name: seeds run on two machines keep their
+    models in different places."""
+    return Path(path).parent.name if Path(path).name == "hf" else Path(path).name
+
+
+def load_seed_results(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """The seeds' results of earlier `llm-modules compare` runs, sorted by seed, for `write_summary`: each path an
+    earlier --output-dir (every `seed-S/results.json` in it) or one `seed-S` dir. A seed cut off mid-run counts with
+    the systems it finished.
+
+    Raises `FileNotFoundError` for a path that is missing or holds no seed results, `ValueError` (one line naming the
+    file and field, expected vs got) for an unreadable file, a seed given twice, or seeds that did not run the same
+    comparison (task, sizes, models, options, budget)."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise FileNotFoundError(f"--summarize {path}: no such directory")
+        found = [path / "results.json"] if (path / "results.json").is_file() and path.name.startswith("seed-") \
+            else sorted(path.glob("seed-*/results.json"))
+        if not found:
+            raise FileNotFoundError(f"--summarize {path}: no seed results in it (seed-S/results.json)")
+        files += found
+    loaded: list[tuple[Path, dict[str, Any]]] = []
+    for file in files:
+        try:
+            results = json.loads(file.read_text())
+            seed, _ = results["seed"], results["systems"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{file}: not a seed's results of llm-modules compare ({error})") from None
+        loaded.append((file, results))
+    first_file, first = loaded[0]
+
+    def key(results: dict[str, Any], field: str) -> Any:
+        if field in ("large", "small"):
+            return _model_name(results.get(field, ""))
+        if field == "budget":
+            return {k: v for k, v in results.get("budget", {}).items() if k != "seed"}
+        return results.get(field)
+
+    seen: dict[int, Path] = {}
+    for file, results in loaded:
+        if results["seed"] in seen:
+            raise ValueError(f"{file}: seed {results['seed']} is also in {seen[results['seed']]}")
+        seen[results["seed"]] = file
+        for field in (*SAME_COMPARISON, "budget"):
+            if key(results, field) != key(first, field):
+                raise ValueError(f"{file}: {field} is {key(results, field)}, expected {key(first, field)} as in "
+                                 f"{first_file} (seeds of one comparison share it)")
+    return [results for _, results in sorted(loaded, key=lambda item: item[1]["seed"])]
+
+
+__all__ = ["load_seed_results", "markdown_table", "plot", "summarize", "write_seed_report", "write_summary"]
