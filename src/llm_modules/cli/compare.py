@@ -29,8 +29,9 @@ def add_compare(subparsers) -> None:
                         help="the frozen large model: a model dir or an `llm-modules fetch` name (fetched if missing)")
     parser.add_argument("--small", default="smollm2-135m-instruct", help="the small model: a model dir or a fetch name")
     parser.add_argument("--task", default=None,
-                        help="a built-in task (sub3, add3, mul2x1, mul2x2: generated arithmetic, drawn per seed; "
-                        "default sub3 when no --train/--eval)")
+                        help="a built-in task, drawn per seed (sub3, add3, mul2x1, mul2x2: generated arithmetic; gsm: "
+                        "GSM8K-style word problems, real GSM8K ones held out; stdlib: which standard-library module "
+                        "defines a Python name; default sub3 when no --train/--eval)")
     parser.add_argument("--train", help="your train rows: a .json/.jsonl/.parquet file in the Stratos schema")
     parser.add_argument("--eval", help="your held-out rows, same schema (never trained on)")
     parser.add_argument("--systems", nargs="+", metavar="NAME", default=list(SYSTEM_NAMES),

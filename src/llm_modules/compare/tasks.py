@@ -5,7 +5,8 @@ rows, and how an untrained chat model is asked and scored (`native_messages`, `n
 answer in the rows' own layout and are scored on the solution section (`evaluation.evaluate_answers`).
 
 Built-in tasks are the real demo's generated arithmetic (`demo/real/task.py`: `sub3`, `add3`, `mul2x1`, `mul2x2`) and
-GSM8K-style word problems (`gsm.py`: `gsm`, also scored on the last number of the reply, `flexible_answer`).
+GSM8K-style word problems (`gsm.py`: `gsm`, also scored on the last number of the reply, `flexible_answer`) and
+which standard-library module defines a Python name (`stdlib.py`: `stdlib`, a knowledge task).
 For the user's files, an untrained model gets the row's system prompt and user turns in its own chat template, and
 its answer is the solution section when it wrote one, else its last `\\boxed{}`, else (for a numeric reference) the
 last number of the reply, as lm-evaluation-harness's flexible GSM8K filter reads one; else the whole reply.
@@ -23,10 +24,10 @@ from typing import Any
 from ..data import InvalidRowError, conversation_turns, load_rows
 from ..evaluation import extract_solution, last_boxed, task_prompt_and_reference
 from ..demo.real import task as arithmetic
-from . import gsm
+from . import gsm, stdlib
 
 
-BUILTIN_TASKS = (*arithmetic.TASKS, "gsm")
+BUILTIN_TASKS = (*arithmetic.TASKS, "gsm", "stdlib")
 
 
 @dataclass
@@ -122,6 +123,15 @@ def builtin_task(name: str, n_train: int, n_eval: int, seed: int) -> CompareTask
                            [gsm.stratos_row(p) for p in train],
                            [{**gsm.stratos_row(p), "_source": p["source"]} for p in held_out],
                            gsm.native_messages, gsm.native_answer, flexible_answer=gsm.last_number)
+    if name == "stdlib":
+        train, held_out = stdlib.make_split(n_train, n_eval, seed)
+
+        def stdlib_row(question: stdlib.Question) -> dict:
+            return {**stdlib.stratos_row(question), "_question": question}
+
+        return CompareTask("stdlib", stdlib.DESCRIPTION, [stdlib_row(q) for q in train], [stdlib_row(q) for q in held_out],
+                           lambda r: stdlib.native_messages(r["_question"]),
+                           lambda reply, r: stdlib.native_answer(reply, r["_question"]))
     if name not in arithmetic.TASKS:
         raise ValueError(f"unknown task {name!r} (built-in: {', '.join(arithmetic.TASKS)}; or give --train and --eval)")
     train, held_out = arithmetic.make_split(name, n_train, n_eval, seed)
