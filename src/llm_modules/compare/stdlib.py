@@ -1,7 +1,7 @@
 """Which standard-library module defines a name: the `stdlib` built-in task of `llm-modules compare`, a knowledge task
 that is not arithmetic.
 
-`Which module of Python's standard library defines `isdir`?` -> `os.path`. A code model such as Qwen2.5-Coder has
+``Which module of Python's standard library defines `isdir`?`` -> `os.path`. A code model such as Qwen2.5-Coder has
 read this in its training data; a 135M general model mostly has not, and the name alone rarely gives the module away
 (`getsizeof` is `sys`, `gamma` is `math`, `groupby` is `itertools`). The knowledge has to come from the frozen model.
 
