@@ -119,7 +119,8 @@ def builtin_task(name: str, n_train: int, n_eval: int, seed: int) -> CompareTask
     then `n_eval` generated ones of those templates (`gsm.make_split`)."""
     if name == "gsm":
         train, held_out = gsm.make_split(n_train, n_eval, seed)
-        return CompareTask("gsm", "GSM8K-style word problems (held out: 50 real GSM8K test problems, their templates never trained on)",
+        return CompareTask("gsm", "GSM8K-style word problems (held out: 50 real GSM8K test problems, their templates "
+                           "never trained on)",
                            [gsm.stratos_row(p) for p in train],
                            [{**gsm.stratos_row(p), "_source": p["source"]} for p in held_out],
                            gsm.native_messages, gsm.native_answer, flexible_answer=gsm.last_number)
@@ -129,7 +130,8 @@ def builtin_task(name: str, n_train: int, n_eval: int, seed: int) -> CompareTask
         def stdlib_row(question: stdlib.Question) -> dict:
             return {**stdlib.stratos_row(question), "_question": question}
 
-        return CompareTask("stdlib", stdlib.DESCRIPTION, [stdlib_row(q) for q in train], [stdlib_row(q) for q in held_out],
+        return CompareTask("stdlib", stdlib.DESCRIPTION, [stdlib_row(q) for q in train],
+                           [stdlib_row(q) for q in held_out],
                            lambda r: stdlib.native_messages(r["_question"]),
                            lambda reply, r: stdlib.native_answer(reply, r["_question"]))
     if name not in arithmetic.TASKS:
