@@ -142,7 +142,7 @@ def test_train_preset_then_config_then_flags(dataset_file, tmp_path, monkeypatch
         seen.append(options)
         return types.SimpleNamespace(trainer=types.SimpleNamespace(is_world_process_zero=lambda: False))
 
-    monkeypatch.setattr("llm_modules.training.run_training", run_training)
+    monkeypatch.setattr("llm_modules.training_run.run_training", run_training)
     config = tmp_path / "mine.yaml"
     config.write_text("subset: 0.5\nmax_steps: 7\n")
     assert main(["train", "--dataset", str(dataset_file), "--preset", "paper", "--config", str(config), "--epochs", "2"]) == 0

@@ -23,12 +23,12 @@ from llm_modules.training import (
     ConflictingOptionsError,
     NonFiniteLossError,
     TrainingOptions,
-    check_resume_options,
     checkpoint_to_resume,
-    complete_checkpoints,
     parameter_groups,
     train,
 )
+from llm_modules.run_checkpoints import complete_checkpoints
+from llm_modules.training_run import check_resume_options
 
 TESTS = Path(__file__).parent
 

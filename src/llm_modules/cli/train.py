@@ -97,7 +97,8 @@ def merge_options(*layers: dict[str, Any]) -> dict[str, Any]:
 def run_train(args: argparse.Namespace) -> None:
     from ..data import DataFileError, EmptyDatasetError, InvalidRowError
     from ..feature_cache import FeatureCacheMismatch, FeatureRangeError
-    from ..training import ConflictingOptionsError, TrainingOptions, run_training
+    from ..training import ConflictingOptionsError, TrainingOptions
+    from ..training_run import run_training
 
     preset = presets.load(args.preset) if "preset" in args else {}
     config = read_config_file(args.config) if "config" in args else {}

@@ -170,9 +170,11 @@ def load_seed_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     for file in files:
         try:
             results = json.loads(file.read_text())
-            seed, _ = results["seed"], results["systems"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError) as error:
             raise ValueError(f"{file}: not a seed's results of llm-modules compare ({error})") from None
+        if not isinstance(results, dict) or not {"seed", "systems"} <= results.keys():
+            raise ValueError(f"{file}: not a seed's results of llm-modules compare (no seed and systems in it; the "
+                             "summary over seeds is not one)")
         loaded.append((file, results))
     first_file, first = loaded[0]
 
