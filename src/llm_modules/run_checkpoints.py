@@ -1,8 +1,8 @@
 """A training run's checkpoints on disk: which are complete, how one is published whole, which one `--resume`
 continues from, and atomic writes.
 
-Split out of training.py (which keeps the Trainer and its options; the run is training_run.py) because it passed 700 lines: this is the
-file-system side of a run, with no Trainer in it.
+Split out of training.py (which keeps the Trainer and its options; the run is training_run.py) because it passed
+700 lines: this is the file-system side of a run, with no Trainer in it.
 """
 
 from __future__ import annotations
