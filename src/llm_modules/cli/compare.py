@@ -22,7 +22,7 @@ def add_compare(subparsers) -> None:
         "decode seconds per token, weights read per token, bytes to ship. Writes results.json, results.md and "
         "accuracy_vs_train_seconds.png over the seeds, and per seed its results, predictions, logs, data and models "
         "to --output-dir. Systems: " + ", ".join(SYSTEM_NAMES) + ". On the default pair one seed of every system "
-        "took 64 minutes on 2 CPU cores with --n-train 32 --max-epochs 7 --batch-size 4 --learning-rates 1e-4 3e-4 "
+        "took 53-64 minutes on 2 CPU cores with --n-train 32 --max-epochs 7 --batch-size 4 --learning-rates 1e-4 3e-4 "
         "--lora-large qwen2.5-coder-0.5b-instruct (docs/evaluation-and-compare.md); the defaults take longer.",
     )
     parser.add_argument("--large", default="qwen2.5-coder-1.5b-instruct",
