@@ -96,9 +96,12 @@ def run_compare(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UsageError(str(error)) from None
     results = run(settings, args.output_dir)
-    print(results["table"])
-    out = Path(args.output_dir)
-    print(f"results in {out / 'results.json'}, plot {out / 'accuracy_vs_train_seconds.png'}")
+    print_summary(results["table"], Path(args.output_dir))
+
+
+def print_summary(table: str, output_dir: Path) -> None:
+    print(table)
+    print(f"results in {output_dir / 'results.json'}, plot {output_dir / 'accuracy_vs_train_seconds.png'}")
 
 
 def summarize_seeds(dirs: list[str], output_dir: Path) -> None:
@@ -113,5 +116,4 @@ def summarize_seeds(dirs: list[str], output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output-dir {output_dir} is a file, expected a directory (or a new path)")
     output_dir.mkdir(parents=True, exist_ok=True)
-    print(write_summary(output_dir, per_seed)["table"])
-    print(f"results in {output_dir / 'results.json'}, plot {output_dir / 'accuracy_vs_train_seconds.png'}")
+    print_summary(write_summary(output_dir, per_seed)["table"], output_dir)
