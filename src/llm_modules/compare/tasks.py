@@ -42,6 +42,9 @@ class CompareTask:
     native_answer: Callable[[str, dict], str | None]
     # A second score of the same replies, when the task has one: GSM's last number (lm-eval's flexible filter).
     flexible_answer: Callable[[str], str | None] | None = None
+    # How long an untrained model's reply (and the seqkd teacher's) may be, when the task needs more than
+    # `SystemOptions.native_max_new_tokens`: GSM's step-by-step answers.
+    native_max_new_tokens: int | None = None
 
 
 def reference_answer(row: dict) -> str:
@@ -123,7 +126,8 @@ def builtin_task(name: str, n_train: int, n_eval: int, seed: int) -> CompareTask
                            "never trained on)",
                            [gsm.stratos_row(p) for p in train],
                            [{**gsm.stratos_row(p), "_source": p["source"]} for p in held_out],
-                           gsm.native_messages, gsm.native_answer, flexible_answer=gsm.last_number)
+                           gsm.native_messages, gsm.native_answer, flexible_answer=gsm.last_number,
+                           native_max_new_tokens=gsm.NATIVE_MAX_NEW_TOKENS)
     if name == "stdlib":
         train, held_out = stdlib.make_split(n_train, n_eval, seed)
 
