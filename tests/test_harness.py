@@ -120,6 +120,21 @@ def test_arithmetic_problems_are_lm_eval_s_layout():
         assert p["completion"] == f" {a - b}"
 
 
+def test_builtin_task_documents_are_compares_held_out_rows():
+    from lm_eval.tasks import TaskManager
+
+    from llm_modules.compare.tasks import builtin_task, reference_answer
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                          metadata={"n_train": 6, "n_eval": 3, "seed": 2})
+    for name in ("sub3", "stdlib"):
+        task = manager.load([f"llm_modules_{name}"])["tasks"][f"llm_modules_{name}"]
+        documents = list(task.test_docs())
+        held_out = builtin_task(name, 6, 3, seed=2).eval_rows
+        assert [d["reference"] for d in documents] == [reference_answer(r) for r in held_out]
+        assert all(r["conversations"][-2]["value"] in d["prompt"] for d, r in zip(documents, held_out))
+
+
 def test_entry_point_adds_the_task_dir():
     assert with_task_path(["--model", "hf", "--tasks", "x"]) == [
         "run", "--model", "hf", "--tasks", "x", "--include_path", str(TASKS_DIR)]

@@ -5,17 +5,17 @@ that is not arithmetic.
 read this in its training data; a 135M general model mostly has not, and the name alone rarely gives the module away
 (`getsizeof` is `sys`, `gamma` is `math`, `groupby` is `itertools`). The knowledge has to come from the frozen model.
 
-The questions come from `stdlib_names.tsv` (packaged; `name<TAB>module`): the functions and classes of popular modules
-(their `__all__`, or their public names when they have none) that people use, counted in the one code corpus every
-Python install carries, the standard library's own source (`usage_counts`: a name is asked when at least `MIN_USES`
-files of it use that name of that module; the most used first, at most 10 a module). A first table drew names
-evenly from each module's whole API (`spawnvpe`, `sched_get_priority_min`): Qwen2.5-Coder-1.5B knew only half of
-them, so the task could not show knowledge moving from the large model. A name is kept only when no other
-standard-library module has something *else* of that name (`dumps` is `json`'s and `pickle`'s, so it is left out;
-`os.path.isdir` is `posixpath.isdir`, the same object, so it stays) and no other popular module lists it too
-(`compare_digest` is both `hmac`'s and `secrets'`), dropping exceptions. The table was written once by
-`python -m llm_modules.compare.stdlib > stdlib_names.tsv` on CPython 3.11.7, and is read as data: another Python's
-standard library would give another table, and a task must ask the same questions everywhere.
+The questions come from `stdlib_names.tsv` (packaged; `name<TAB>module`): the functions and classes of popular
+modules (their `__all__`, or the public names they define when they have none: `exports`) that people use, counted
+in the one code corpus every Python install carries, the standard library's own source (`usage_counts`: a name is
+asked when at least `MIN_USES` files of it use that name of that module; the most used first, at most 10 a module).
+A first table drew names evenly from each module's whole API (`spawnvpe`, `sched_get_priority_min`):
+Qwen2.5-Coder-1.5B knew only half of them, so the task could not show knowledge moving from the large model. A name
+is kept only when no other standard-library module has something *else* of that name (`dumps` is `json`'s and
+`pickle`'s, so it is left out; `os.path.isdir` is `posixpath.isdir`, the same object, so it stays) and no other
+popular module lists it too (`compare_digest` is both `hmac`'s and `secrets'`), dropping exceptions. The table was
+written once by `python -m llm_modules.compare.stdlib > stdlib_names.tsv` on CPython 3.11.7, and is read as data:
+another Python's standard library would give another table, and a task must ask the same questions everywhere.
 
 Each seed draws its train and held-out names from the table without overlap (a name is one question; modules are
 shared, so the train rows show the answer format and some of the modules). Trained systems are scored on the solution

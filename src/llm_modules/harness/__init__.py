@@ -11,9 +11,9 @@ Importing this package registers what lm-eval needs, without `trust_remote_code`
   padding, end of turn) are dropped as in `llm-modules eval` (`generation.decode_answer`).
 
 The task YAMLs shipped in `tasks/` (added to lm-eval's task list by the entry point): the built-in compare tasks as
-`generate_until` (`llm_modules_sub3`, ..., `llm_modules_gsm`), any Stratos file (`llm_modules_stratos`, the rows
-`llm-modules eval` scores) and `llm_modules_arithmetic_3ds`, a `loglikelihood` task in the layout of lm-eval's
-`arithmetic_3ds`, generated locally. See docs/evaluation-and-compare.md.
+`generate_until` (`llm_modules_sub3`, ..., `llm_modules_gsm`, `llm_modules_stdlib`), any Stratos file
+(`llm_modules_stratos`, the rows `llm-modules eval` scores) and `llm_modules_arithmetic_3ds`, a `loglikelihood` task
+in the layout of lm-eval's `arithmetic_3ds`, generated locally. See docs/evaluation-and-compare.md.
 """
 
 from __future__ import annotations

@@ -65,6 +65,11 @@ def gsm(n_train: int = 64, n_eval: int = 0, **kwargs) -> dict:
     return builtin("gsm", n_train=n_train, n_eval=n_eval, **kwargs)
 
 
+def stdlib(**kwargs) -> dict:
+    """Which standard-library module defines a name: the held-out names of `compare --task stdlib`."""
+    return builtin("stdlib", **kwargs)
+
+
 def arithmetic_problems(count: int = 2000, seed: int = 0) -> list[dict]:
     """lm-eval's `arithmetic_3ds` layout, generated here: `Question: What is 512 minus 347?\\nAnswer:` and the
     completion ` 165` (3-digit minus 3-digit, negative results too, as in GPT-3's arithmetic set)."""
