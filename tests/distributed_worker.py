@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
     if trainer.is_world_process_zero():
         with open(result, "w") as handle:
             json.dump(report, handle)
+    trainer.accelerator.end_training()  # as `llm-modules train` does: no rank exits with the process group alive
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def test_train_preset_then_config_then_flags(dataset_file, tmp_path, monkeypatch
 
     def run_training(options):
         seen.append(options)
-        return types.SimpleNamespace(trainer=types.SimpleNamespace(is_world_process_zero=lambda: False))
+        return types.SimpleNamespace(trainer=types.SimpleNamespace(is_world_process_zero=lambda: False,
+                                                             accelerator=types.SimpleNamespace(end_training=lambda: None)))
 
     monkeypatch.setattr("llm_modules.training_run.run_training", run_training)
     config = tmp_path / "mine.yaml"

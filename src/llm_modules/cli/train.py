@@ -124,6 +124,9 @@ def run_train(args: argparse.Namespace) -> None:
         loss = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
         print(f"trained {result.trainer.state.global_step} steps; final validation loss {loss}")
         print(f"saved to {result.output_dir} (load with LLMModulesForCausalLM.from_pretrained({str(result.output_dir)!r}))")
+    # Under `accelerate launch`, leave the process group before exit: a rank exiting with gloo's threads still running
+    # aborts now and then ("terminate called without an active exception"; pytorch/pytorch#190489).
+    result.trainer.accelerator.end_training()
 
 
 def read_config_file(path: str) -> dict:
