@@ -291,6 +291,7 @@ def test_compare_runs_on_the_users_files(tiny_chat_pair, tmp_path, capsys, one_t
 @pytest.mark.parametrize("extra, code, message", [
     (["--systems", "small_sft", "bogus"], 2, "unknown system 'bogus'"),
     (["--task", "nope"], 2, "unknown task 'nope'"),
+    (["--task", "stdlib", "--n-train", "300"], 2, "task stdlib has 205 questions; asked for 300 train + 60 held-out"),
     (["--train", "x.jsonl"], 2, "--train and --eval go together"),
     (["--train", "missing.jsonl", "--eval", "missing.jsonl"], 3, "--train missing.jsonl: no such file"),
 ])

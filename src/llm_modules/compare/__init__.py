@@ -33,6 +33,7 @@ from ..data import build_dataset
 from ..demo.report import write_atomic
 from ..evaluation import answers_match, evaluate_answers, generate_texts
 from .fitting import Fit, FitBudget
+from . import stdlib
 from .systems import DEFAULT_SYSTEMS, SYSTEMS, Context, SystemOptions, load_plain
 from .tasks import CompareTask, builtin_task, files_task, plain_row, reference_answer, split_validation
 
@@ -69,7 +70,8 @@ class CompareSettings:
         return tuple(self.learning_rates_by_system.get(system, self.budget.learning_rates))
 
     def check(self) -> None:
-        """Raises `ValueError` for an unknown system or a task given twice or not at all."""
+        """Raises `ValueError` for an unknown system, a task given twice or not at all, or more stdlib questions asked
+        than its table has."""
         unknown = [name for name in self.systems if name not in SYSTEMS]
         if unknown:
             raise ValueError(f"unknown system {unknown[0]!r} (known: {', '.join(SYSTEMS)})")
@@ -81,6 +83,8 @@ class CompareSettings:
             raise ValueError("--train and --eval go together: give both files, or neither and a built-in --task")
         if not self.seeds:
             raise ValueError("no seeds: give at least one")
+        if self.task == "stdlib" and not self.train:  # a packaged table: asking for more names than it has is bad input
+            stdlib.check_size(self.n_train, self.n_eval)
         if self.val_fraction <= 0 and any(len(self.learning_rates(name)) > 1 for name in self.systems
                                            if SYSTEMS[name].trained):
             raise ValueError("a learning-rate grid needs a validation split to choose on: set val_fraction > 0 or "

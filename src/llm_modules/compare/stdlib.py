@@ -72,12 +72,18 @@ def load_table() -> tuple[Question, ...]:
     return tuple(Question(*line.split("\t")) for line in text.splitlines() if line.strip())
 
 
+def check_size(n_train: int, n_eval: int) -> None:
+    """Raises `ValueError` when the table has fewer than `n_train + n_eval` names (bad input: checked before a run)."""
+    size = len(load_table())
+    if n_train + n_eval > size:
+        raise ValueError(f"task stdlib has {size} questions; asked for {n_train} train + {n_eval} held-out")
+
+
 def make_split(n_train: int, n_eval: int, seed: int) -> tuple[list[Question], list[Question]]:
     """(train questions, held-out questions), disjoint, drawn from `seed`. Raises `ValueError` when the table has fewer
     than `n_train + n_eval` names."""
+    check_size(n_train, n_eval)
     table = list(load_table())
-    if n_train + n_eval > len(table):
-        raise ValueError(f"task stdlib has {len(table)} questions; asked for {n_train} train + {n_eval} held-out")
     random.Random(f"llm-modules stdlib {seed}").shuffle(table)
     return table[:n_train], table[n_train:n_train + n_eval]
 
