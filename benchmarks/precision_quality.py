@@ -1,7 +1,7 @@
 """What a cheaper frozen model costs in quality, on real weights and real text (docs/performance.md).
 
 1. The frozen model alone (a plain causal LM, e.g. the packaged Qwen2.5-Coder-1.5B-Instruct) in float32, bfloat16,
-   fp16 and int8 (`llm_modules.quantization`): next-token argmax agreement with float32 and perplexity, teacher-forced,
+   fp16 and int8 (`llm_modules.quantization`), and llama.cpp on its fetched GGUF file (gguf: Q4_K_M): next-token argmax agreement with float32 and perplexity, teacher-forced,
    on three kinds of text: README paragraphs, Stratos-style rows (the paper's layout, `data.encode_conversation`) and
    GSM8K-style problems with step-by-step answers (reasoning-gym's `gsm_symbolic` generators, Apache-2.0, read from
    its hash-checked wheel; never installed).
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PRECISIONS = ("float32", "bfloat16", "fp16", "int8")
+PRECISIONS = ("float32", "bfloat16", "fp16", "int8", "gguf")
 # The combined model at evaluation: the frozen model in each precision (trained parts float32), then the trained
 # parts in int8 too (`--trained-quantization`).
 COMBINED_SETTINGS = {
@@ -39,6 +39,8 @@ COMBINED_SETTINGS = {
     "int8": {"large_quantization": "int8"},
     "float32, trained int8": {"large_dtype": torch.float32, "trained_quantization": "int8"},
     "int8, trained int8": {"large_quantization": "int8", "trained_quantization": "int8"},
+    "gguf": {"large_quantization": "gguf"},
+    "gguf, trained int8": {"large_quantization": "gguf", "trained_quantization": "int8"},
 }
 SYSTEM = "Solve the problem. Think step by step, then give the final answer."
 
@@ -70,15 +72,37 @@ def readme_paragraphs(count: int) -> list[str]:
     return prose[:count]
 
 
-def frozen_model_quality(large: str, texts: dict[str, list[list[int]]]) -> dict:
+class LlamaCppLogits:
+    """llama.cpp's own next-token logits on the GGUF file of `large` (its whole model, head included), called like a
+    causal LM on one sequence: `model(ids).logits` `[1, seq, vocab]`."""
+
+    def __init__(self, large: str):
+        from llm_modules.llama_cpp_source import import_llama_cpp
+        from llm_modules.sources import gguf_for_source
+
+        self.llama = import_llama_cpp().Llama(str(gguf_for_source(large)), logits_all=True, n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+
+    def __call__(self, ids: torch.Tensor):
+        self.llama.reset()
+        self.llama.eval(ids[0].tolist())
+        return argparse.Namespace(logits=torch.from_numpy(self.llama.scores[: ids.shape[1]].copy())[None])
+
+    def eval(self) -> "LlamaCppLogits":
+        return self
+
+
+def frozen_model_quality(large: str, texts: dict[str, list[list[int]]], precisions: list[str]) -> dict:
     """Per precision and text kind: argmax agreement with float32 and perplexity (teacher-forced)."""
     from llm_modules.quantization import quantize_frozen_model
     from llm_modules.sources import load_causal_lm
 
     reference: dict[str, list[torch.Tensor]] = {}
     results = {}
-    for precision in PRECISIONS:
-        model = load_causal_lm(large, dtype=torch.float32 if precision == "float32" else torch.bfloat16).eval()
+    for precision in precisions:
+        if precision == "gguf":
+            model = LlamaCppLogits(large)
+        else:
+            model = load_causal_lm(large, dtype=torch.float32 if precision == "float32" else torch.bfloat16).eval()
         if precision in ("fp16", "int8"):
             quantize_frozen_model(model, precision)
         results[precision] = {}
@@ -107,7 +131,7 @@ def frozen_model_quality(large: str, texts: dict[str, list[list[int]]]) -> dict:
 
 
 def combined_model_quality(large: str, small: str, train_rows: list[dict], val_rows: list[dict], work: Path,
-                           steps: int) -> dict:
+                           steps: int, settings: list[str]) -> dict:
     """Train with float32 frozen features, then the held-out loss with the frozen model in each precision."""
     from llm_modules import LLMModulesForCausalLM
     from llm_modules.data import encode_conversation
@@ -125,7 +149,8 @@ def combined_model_quality(large: str, small: str, train_rows: list[dict], val_r
     train_s = time.perf_counter() - start
     results = {"train_rows": len(train_rows), "val_rows": len(val_rows), "steps": steps, "train_seconds": train_s}
     reference: list[torch.Tensor] = []
-    for name, options in COMBINED_SETTINGS.items():
+    for name in settings:
+        options = COMBINED_SETTINGS[name]
         model = LLMModulesForCausalLM.from_pretrained(out, **options).eval()
         total, count, agree = 0.0, 0, 0
         for index, row in enumerate(val_rows):
@@ -162,7 +187,7 @@ def markdown(result: dict) -> str:
               f"held-out loss on {c['val_rows']} rows (assistant tokens):", "",
               "| frozen model at evaluation (trained parts float32 unless said) | validation loss | change | perplexity "
               "| argmax agreement with float32 |", "| --- | ---: | ---: | ---: | ---: |"]
-    for name in COMBINED_SETTINGS:
+    for name in (n for n in COMBINED_SETTINGS if n in c):
         r = c[name]
         lines.append(f"| {name} | {r['val_loss']:.4f} | {r['val_loss'] / c['float32']['val_loss'] - 1:+.2%} | "
                      f"{r['perplexity']:.3f} | {r['agreement']:.1%} |")
@@ -188,6 +213,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parts", nargs="+", choices=["frozen", "combined"], default=["frozen", "combined"])
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="the frozen model's precisions (float32 first: the reference); the combined model's "
+                        "settings are those starting with one of them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -211,12 +239,13 @@ def main() -> None:
     result = {"large": args.large, "small": args.small, "machine": f"{machine['cpu']}, {args.threads} threads, torch "
               f"{machine['torch']}, transformers {machine['transformers']}", "seed": args.seed}
     if "frozen" in args.parts:
-        result["frozen"] = frozen_model_quality(args.large, texts)
+        result["frozen"] = frozen_model_quality(args.large, texts, ["float32", *(p for p in args.precisions if p != "float32")])
     if "combined" in args.parts:
         with tempfile.TemporaryDirectory(dir=out) as work:
             held = rows[args.texts:]
             result["combined"] = combined_model_quality(
-                args.large, args.small, held[: args.train_rows], held[args.train_rows:], Path(work), args.steps)
+                args.large, args.small, held[: args.train_rows], held[args.train_rows:], Path(work), args.steps,
+                [n for n in COMBINED_SETTINGS if n == "float32" or n.split(",")[0] in args.precisions])
     write_atomic(out / "quality.json", json.dumps(result, indent=2) + "\n")
     write_atomic(out / "quality.md", markdown(result))
     print(markdown(result))

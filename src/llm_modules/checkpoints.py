@@ -24,6 +24,7 @@ from .head_init import init_head_from_small, small_output_embeddings
 from .quantization import UnsupportedLayerError
 from .sources import (
     ModelSourceError,
+    NoGGUFFileError,
     as_dtype,
     check_same_vocabulary,
     load_base_model,
@@ -129,7 +130,7 @@ class CheckpointMixin:
         if config.head_init == "small":
             small_head = small_output_embeddings(small, small_source, trust_remote_code)
         model = cls(config, large_model=sources, small_model=small)
-        device = next(large.parameters()).device
+        device = next(iter(large.parameters()), torch.empty(0)).device  # a llama.cpp source holds none: CPU
         for part in model.trained_parts():
             part.to(device=device, dtype=trained_dtype)
         if small_head is not None:
@@ -248,7 +249,7 @@ class CheckpointMixin:
                     source, large_dtype if large_dtype is not None else dtype, large_quantization,
                     device_map=device_map, quantization_config=quantization_config, trust_remote_code=trust_remote_code,
                 ))
-            except UnsupportedLayerError:
+            except (UnsupportedLayerError, NoGGUFFileError):
                 raise  # the model is where it should be; large_quantization cannot take it
             except (OSError, ValueError) as error:
                 raise ModelSourceError(f"cannot load {what} {source!r}: {error}; {hint}") from error
@@ -257,7 +258,7 @@ class CheckpointMixin:
             config.large_model_name_or_path = names if len(names) > 1 else names[0]
         model = cls(config, large_model=sources)
         model.load_trained_weights(directory / WEIGHTS_NAME)
-        device = next(sources[0].parameters()).device
+        device = next(iter(sources[0].parameters()), torch.empty(0)).device  # a llama.cpp source holds none: CPU
         for part in model.trained_parts():
             part.to(device=device, dtype=as_dtype(dtype))
         if trained_quantization is not None:

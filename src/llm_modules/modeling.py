@@ -27,6 +27,7 @@ from .bridge import (
     transformer_blocks,
 )
 from .cache import LLMModulesCache
+from .llama_cpp_source import LlamaCppSource
 from .checkpoints import CheckpointMixin
 from .configuration import LLMModulesConfig
 
@@ -108,6 +109,10 @@ class LLMModulesForCausalLM(CheckpointMixin, LLMModulesPreTrainedModel, Generati
         self.sources = nn.ModuleList(
             model if model is not None else AutoModel.from_config(c) for model, c in zip(given, config.large_configs)
         )
+        read = {source for source, _, _ in config.depth_connection_list}
+        if any(isinstance(self.sources[i], LlamaCppSource) for i in read):
+            raise ValueError("depth connections read the frozen model's inner layers; large_quantization='gguf' "
+                             "(llama.cpp) gives its last hidden states only")
         self.bridges = nn.ModuleList(LLMModulesBridge(config, width) for width in config.bridge_widths)
         self.depth = nn.ModuleList(
             DepthConnection(config.large_configs[i].hidden_size, config.small_hidden_size, config.cross_attention_heads)
@@ -158,8 +163,14 @@ class LLMModulesForCausalLM(CheckpointMixin, LLMModulesPreTrainedModel, Generati
         self.sources.eval()  # frozen means no dropout either, whatever Trainer asks of the whole model
         return self
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.large.get_input_embeddings()
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The anchor source's token embeddings (None when llama.cpp runs it: they are not in torch)."""
+        embeddings = getattr(self.large, "get_input_embeddings", None)
+        return embeddings() if embeddings is not None else None
+
+    def new_cache(self) -> LLMModulesCache:
+        """An empty cache for this model; a source that keeps its own KV cache (llama.cpp) gives its part."""
+        return LLMModulesCache(self.config, [getattr(source, "new_cache", lambda: None)() for source in self.sources])
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -265,7 +276,7 @@ class LLMModulesForCausalLM(CheckpointMixin, LLMModulesPreTrainedModel, Generati
         if use_cache is None:
             use_cache = not self.training and labels is None
         if use_cache and cache is None:
-            cache = LLMModulesCache(self.config)
+            cache = self.new_cache()
         if cache is not None and not isinstance(cache, LLMModulesCache):
             raise TypeError(f"cache must be an LLMModulesCache, got {type(cache).__name__}")
         past = cache.get_seq_length() if cache is not None else 0
@@ -372,7 +383,7 @@ class LLMModulesForCausalLM(CheckpointMixin, LLMModulesPreTrainedModel, Generati
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
-        model_kwargs["cache"] = LLMModulesCache(self.config)
+        model_kwargs["cache"] = self.new_cache()
 
     def trained_parts(self) -> list[nn.Module]:
         """The modules that train: the bridges, the depth connections, the small model and the head."""

@@ -9,6 +9,7 @@ once with the same message instead of being sent to the hub, and local paths are
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,6 +169,25 @@ def gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _read_metadata(_mapped(str(path)), str(path))[0]
 
 
+class NoGGUFFileError(ValueError):
+    """`large_quantization="gguf"` for a frozen model that has no GGUF file (bad input: exit code 2)."""
+
+
+def gguf_for_source(source: str) -> Path:
+    """The GGUF file to run with llama.cpp for a frozen source: the file itself, or for a dir `llm-modules fetch`
+    made (`<name>/hf`) the GGUF its manifest names beside it. Raises NoGGUFFileError otherwise."""
+    path = Path(source)
+    if path.suffix.lower() == ".gguf":
+        return path
+    manifest = path.parent / "manifest.json"
+    if path.name == "hf" and manifest.is_file():
+        name = json.loads(manifest.read_text()).get("gguf_file")
+        if name and (path.parent / name).is_file():
+            return path.parent / name
+    raise NoGGUFFileError(f"large_quantization='gguf' runs the frozen model in llama.cpp from a .gguf file; {source} is "
+                     "not one: pass the .gguf file as the large model (--large-model FILE.gguf)")
+
+
 def pretrained_kwargs(source: str) -> tuple[str, dict]:
     """(what to pass to `from_pretrained`, extra keyword arguments): a .gguf file becomes its folder + `gguf_file`."""
     if is_gguf(source):
@@ -295,16 +315,26 @@ def check_same_vocabulary(first: str, first_tokenizer: Any, other: str, other_to
 def load_frozen_model(
     source: str, dtype: torch.dtype | str | None, quantization: str | None, **kwargs: Any
 ) -> PreTrainedModel:
-    """The frozen base transformer in `dtype`, or int8 (`quantization.quantize_frozen_model`) from bfloat16 weights.
-    Raises ValueError for an unknown `quantization`, before loading anything."""
+    """The frozen base transformer in `dtype`, or int8/fp16 (`quantization.quantize_frozen_model`) from bfloat16
+    weights, or `quantization="gguf"`: run by llama.cpp on the source's GGUF file (`llama_cpp_source`; `dtype` does
+    not apply, the file's blocks are used as they are). Raises ValueError for an unknown `quantization`, before
+    loading anything, and for "gguf" with a GPU `device_map`, a `quantization_config` or a source without a GGUF."""
     import torch
 
     if quantization is None:
         return load_base_model(source, dtype=as_dtype(dtype), **kwargs)
+    if quantization == "gguf":
+        from .llama_cpp_source import LlamaCppSource
+
+        if kwargs.get("quantization_config") is not None or kwargs.get("device_map") not in (None, "cpu"):
+            raise ValueError("large_quantization='gguf' runs the frozen model in llama.cpp on the CPU; "
+                             "it takes neither quantization_config nor device_map")
+        gguf_file = gguf_for_source(source)
+        return LlamaCppSource(gguf_file, load_config(str(gguf_file), trust_remote_code=kwargs.get("trust_remote_code", False)))
     from .quantization import LARGE_QUANTIZATIONS, quantize_frozen_model
 
     if quantization not in LARGE_QUANTIZATIONS:  # before loading gigabytes
-        raise ValueError(f"large_quantization must be one of {LARGE_QUANTIZATIONS}, got {quantization!r}")
+        raise ValueError(f"large_quantization must be one of {(*LARGE_QUANTIZATIONS, 'gguf')}, got {quantization!r}")
     large = load_base_model(source, dtype=as_dtype(dtype) or torch.bfloat16, **kwargs)
     return quantize_frozen_model(large, quantization)
 

@@ -23,8 +23,26 @@ from ..modeling import LLMModulesForCausalLM
 from ..quantization import LARGE_QUANTIZATIONS, quantize_frozen_model, quantize_trained_parts
 from . import Clock, _generate, _random_ids, _table, cached_step_seconds, machine_info
 
-PRECISIONS = ("float32", "bfloat16", "float16", *LARGE_QUANTIZATIONS)
+PRECISIONS = ("float32", "bfloat16", "float16", *LARGE_QUANTIZATIONS, "gguf")
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2, "fp16": 2, "int8": 1}
+
+
+class _SourceAlone(torch.nn.Module):
+    """A llama.cpp source timed alone (`precision="gguf"`): its last hidden states token by token with its KV cache,
+    no LM head (llama.cpp's whole token, head included, is what `benchmarks/decode_vs_llama_cpp.py` measures)."""
+
+    def __init__(self, source: torch.nn.Module):
+        super().__init__()
+        self.source = source
+
+    def timed_decode(self, prompt: torch.Tensor, new_tokens: int, timer: Clock) -> list[float]:
+        cache, times = self.source.new_cache(), [timer.now()]
+        self.source(input_ids=prompt, cache=cache)
+        times.append(timer.now())
+        for step in range(new_tokens - 1):
+            self.source(input_ids=prompt[:, step:step + 1], cache=cache)
+            times.append(timer.now())
+        return times
 
 
 def _load_precision(
@@ -34,8 +52,24 @@ def _load_precision(
     """large alone, small alone and the combined model (sharing large alone's base) with the frozen model in
     `precision`: a torch dtype name, or a `large_quantization` applied to bfloat16 weights; the trained parts (and
     the small model alone) in float32, or quantized by `trained_quantization`."""
-    from ..sources import load_causal_lm
+    from ..sources import load_causal_lm, load_config
 
+    if precision == "gguf":  # the frozen model in llama.cpp, on the GGUF file of `large`
+        from ..llama_cpp_source import LlamaCppSource
+        from ..sources import gguf_for_source
+
+        if large is None:
+            raise ValueError("precision 'gguf' needs a real frozen model with a GGUF file (large=...)")
+        gguf_file = gguf_for_source(large)
+        source = LlamaCppSource(gguf_file, load_config(str(gguf_file)))
+        small_alone = load_causal_lm(small, dtype=torch.float32)
+        small_base = load_causal_lm(small, dtype=torch.float32).base_model
+        config = LLMModulesConfig(large_config=source.config, small_config=small_alone.config)
+        combined = LLMModulesForCausalLM(config, large_model=source, small_model=small_base).float()
+        if trained_quantization is not None:
+            quantize_trained_parts(combined, trained_quantization)
+            quantize_frozen_model(small_alone, trained_quantization)
+        return {"combined": combined.eval(), "large_alone": _SourceAlone(source), "small_alone": small_alone.eval()}
     load_dtype = getattr(torch, precision) if precision in ("float32", "bfloat16", "float16") else torch.bfloat16
     if large is not None:
         large_alone = load_causal_lm(large, dtype=load_dtype)
@@ -100,7 +134,7 @@ def bench_precision(
         for thread_count in threads:
             torch.set_num_threads(thread_count)
             for model, vocab in ((combined, large_vocab), (large_alone, large_vocab), (small_alone, small_vocab)):
-                _generate(model, _random_ids(1, 8, vocab, device, generator), 2, timer)  # warm-up
+                _timed(model, _random_ids(1, 8, vocab, device, generator), 2, timer)  # warm-up
             for context in contexts:
                 ids = _random_ids(1, context, large_vocab, device, generator)
                 small_ids = _random_ids(1, context, small_vocab, device, generator)
@@ -108,8 +142,7 @@ def bench_precision(
                 for name, model, prompt in (
                     ("combined", combined, ids), ("large_alone", large_alone, ids), ("small_alone", small_alone, small_ids)
                 ):
-                    _, times = _generate(model, prompt, new_tokens, timer)
-                    row[f"{name}_s"] = cached_step_seconds(times)
+                    row[f"{name}_s"] = cached_step_seconds(_timed(model, prompt, new_tokens, timer))
                 row["floor_s"] = row["large_alone_s"] + row["small_alone_s"]
                 row["combined_over_floor"] = row["combined_s"] / row["floor_s"]
                 rows.append(row)
@@ -138,6 +171,12 @@ def bench_precision(
         "loads_s": loads,
         "rows": rows,
     }
+
+
+def _timed(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, timer: Clock) -> list[float]:
+    if isinstance(model, _SourceAlone):
+        return model.timed_decode(prompt, new_tokens, timer)
+    return _generate(model, prompt, new_tokens, timer)[1]
 
 
 def format_precision(result: dict[str, Any]) -> str:

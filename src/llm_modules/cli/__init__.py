@@ -116,7 +116,7 @@ def describe_error(error: Exception) -> tuple[int, str]:
     """(exit code, one-line message) for an error that reached the command line."""
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from ..sources import ModelSourceError
+    from ..sources import ModelSourceError, NoGGUFFileError
 
     text = str(error).strip()
     first_line = text.splitlines()[0] if text else "an unexpected error with no message"
@@ -127,6 +127,7 @@ def describe_error(error: Exception) -> tuple[int, str]:
     # --large-quantization on a frozen model with layers it cannot quantize: bad input too.
     quantization = sys.modules.get("llm_modules.quantization")
     bad_data += (quantization.UnsupportedLayerError,) if quantization else ()
+    bad_data += (NoGGUFFileError,)  # --large-quantization gguf for a frozen model without a GGUF file
     if isinstance(error, (UsageError, *bad_data)):
         return EXIT_USAGE, first_line
     missing = (ModelSourceError, FileNotFoundError, NotADirectoryError, EntryNotFoundError, RepositoryNotFoundError,

@@ -119,9 +119,10 @@ def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
         help="the frozen model of a combined model (default: bfloat16 on a GPU, float32 on CPU)",
     )
     parser.add_argument(
-        "--large-quantization", choices=["int8", "fp16"],
-        help="the frozen model's linear layers on the CPU: int8 (fastest; outlier features in float32, as "
-        "LLM.int8(): docs/performance.md) or float16 weights (exact)",
+        "--large-quantization", choices=["int8", "fp16", "gguf"],
+        help="the frozen model on the CPU: int8 linear layers (outlier features in float32, as LLM.int8(): "
+        "docs/performance.md), float16 weights (exact), or gguf: run by llama.cpp on its GGUF file's own blocks "
+        "(fastest; needs the llama-cpp extra; the frozen model a .gguf file or a fetched model)",
     )
     parser.add_argument(
         "--trained-quantization", choices=["int8"],

@@ -51,7 +51,7 @@ from transformers import (
 )
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..modeling import LLMModulesCache, LLMModulesForCausalLM, extend_causal_tables
+from ..modeling import LLMModulesForCausalLM, extend_causal_tables
 from .sampling import TokenLogprob, prompt_logprobs, request_processors, token_logprob
 
 log = logging.getLogger(__name__)
@@ -428,7 +428,7 @@ class BatchingEngine:
 
     def _new_cache(self) -> Cache:
         if self.combined:
-            return LLMModulesCache(self.model.config)
+            return self.model.new_cache()
         return DynamicCache(config=self.model.config)
 
     def _caches_can_join(self) -> bool:

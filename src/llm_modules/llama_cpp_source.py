@@ -1,0 +1,292 @@
+"""The frozen source run by llama.cpp on its GGUF file's own quantized blocks: `large_quantization="gguf"`.
+
+Decoding one token on a CPU reads every frozen weight once. Our own int8 forward of Qwen2.5-Coder-1.5B costs 2.2-2.6x
+llama.cpp's whole Q4_K_M token (docs/performance.md), and torch's 4-bit CPU kernels were no faster than our int8, so
+the frozen model runs in llama.cpp itself, through llama-cpp-python (the maintained binding of llama.cpp's C API;
+its `Llama` class is for text in and text out, so its low-level functions are used), and the trained parts stay in
+torch. With embeddings on and pooling "none", llama.cpp returns each token's last hidden state after the final norm:
+what transformers' `last_hidden_state` is, and what the bridge reads.
+
+The KV cache lives inside llama.cpp's context, one sequence id per batch row. `LlamaCppCacheLayer` (this source's part
+of the combined model's cache) holds the rows' sequence ids and the tokens each row was given, so the cache's length,
+dropping rows (`batch_select_indices`: the server's finished requests) and several live caches at once work. When
+the context runs out of cells it is rebuilt twice as large and every live row's tokens are decoded again. Reordering
+(beam search), cropping (assisted decoding) and repeating rows are refused with a message.
+
+Numbers differ from the torch model on the same weights: llama.cpp multiplies Q4_K/Q6_K blocks with activations
+quantized to 8 bits, and its batched prompt and its one-token steps take different kernels (cached vs recomputed
+hidden states agree to about 1% of their largest value on Qwen2.5-Coder-1.5B Q4_K_M; F32 GGUF weights: 1e-4).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+LLAMA_CPP_PACKAGE = "pip install 'llm-modules[llama-cpp]'"  # builds llama-cpp-python from source (docs/performance.md)
+# Sequence ids one context serves (llama.cpp's LLAMA_MAX_SEQ is 256); rows of every live cache together.
+MAX_SEQUENCES = 256
+FIRST_CONTEXT = 4096  # KV cells of a new context (all rows together); doubled as needed
+BATCH_TOKENS = 512  # tokens per llama_decode call
+
+
+def import_llama_cpp() -> Any:
+    """The `llama_cpp` module with llama.cpp's own log quietened (it prints every load step to stderr), or
+    ImportError naming the extra to install."""
+    try:
+        import llama_cpp
+        from llama_cpp._logger import set_verbose
+    except ImportError as error:
+        raise ImportError(f"large_quantization='gguf' runs the frozen model in llama.cpp: {LLAMA_CPP_PACKAGE}") from error
+    set_verbose(False)
+    return llama_cpp
+
+
+class LlamaCppCacheLayer(DynamicLayer):
+    """This source's KV cache inside the combined model's cache: the llama.cpp sequence id of each batch row and the
+    tokens it was given (`[(position, token), ...]` per row, padding left out), the tensors being in llama.cpp."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0  # columns seen, padding included: what `get_seq_length` reports, as for a DynamicLayer
+        self.sequences: list[int] = []  # kept as one list object: the finalizer releases what it holds then
+        self.tokens: list[list[tuple[int, int]]] = []
+        self.source: LlamaCppSource | None = None
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError("the llama.cpp source keeps its keys and values inside llama.cpp")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not available with large_quantization='gguf' (the llama.cpp KV "
+                                  "cache is not reordered); use greedy decoding or sampling")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("cropping the cache (assisted decoding, prompt lookup) is not available with "
+                                  "large_quantization='gguf'")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise NotImplementedError("repeating cached rows is not available with large_quantization='gguf'")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        keep = [int(i) for i in indices]
+        dropped = [s for i, s in enumerate(self.sequences) if i not in set(keep)]
+        if self.source is not None and dropped:
+            self.source.release(dropped)
+        self.sequences[:] = [self.sequences[i] for i in keep]
+        self.tokens = [self.tokens[i] for i in keep]
+
+    def offload(self) -> None:  # nothing held in torch
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+
+class LlamaCppCache(Cache):
+    """The cache of one llama.cpp source: one `LlamaCppCacheLayer` (the combined cache takes its `layers`)."""
+
+    def __init__(self) -> None:
+        super().__init__(layers=[LlamaCppCacheLayer()])
+
+
+class LlamaCppSource(nn.Module):
+    """A frozen base transformer computed by llama.cpp from a GGUF file: called like transformers' base models,
+    `source(input_ids, attention_mask, position_ids, cache, use_cache)` -> `last_hidden_state` `[batch, seq, D]`
+    float32 (zeros at padded positions). CPU only; no weights in torch (`parameters()` is empty).
+
+    `config`: the transformers config of the same file (`sources.load_config`), which the combined model reads for
+    sizes. `threads`: llama.cpp's threads for each call (default: torch's, read at every call).
+    Raises ValueError for a file llama.cpp cannot load and for token ids outside its vocabulary.
+    """
+
+    def __init__(self, gguf_file: str | os.PathLike, config: Any, threads: int | None = None):
+        super().__init__()
+        self.llama_cpp = import_llama_cpp()
+        self.gguf_file = str(gguf_file)
+        self.config = config
+        self.threads = threads
+        lib = self.llama_cpp
+        lib.llama_backend_init()
+        self._model = lib.llama_model_load_from_file(self.gguf_file.encode(), lib.llama_model_default_params())
+        if not self._model:
+            raise ValueError(f"{self.gguf_file}: llama.cpp could not load this GGUF file")
+        self.hidden_size = lib.llama_model_n_embd(self._model)
+        self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        if self.hidden_size != config.hidden_size:
+            raise ValueError(f"{self.gguf_file}: llama.cpp reads width {self.hidden_size}, its config says "
+                             f"{config.hidden_size}")
+        self._context = None
+        self._cells = 0
+        self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._free = list(range(MAX_SEQUENCES - 1, -1, -1))
+        self._layers: weakref.WeakSet[LlamaCppCacheLayer] = weakref.WeakSet()
+        weakref.finalize(self, _free_llama, lib, self._batch, self._model, self._handle())
+
+    def _handle(self) -> list:
+        """The context pointer, in a list the finalizer reads at exit (the context is replaced as it grows)."""
+        self._context_holder = getattr(self, "_context_holder", [None])
+        return self._context_holder
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def new_cache(self) -> LlamaCppCache:
+        return LlamaCppCache()
+
+    # ---- llama.cpp's context ------------------------------------------------------------------------------------
+
+    def _build_context(self, cells: int) -> None:
+        lib = self.llama_cpp
+        params = lib.llama_context_default_params()
+        params.n_ctx = cells
+        params.n_batch = params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = MAX_SEQUENCES
+        params.kv_unified = True  # the cells are shared by all rows, not split into MAX_SEQUENCES equal parts
+        params.embeddings = True
+        params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        threads = self._threads()
+        params.n_threads = params.n_threads_batch = threads
+        context = lib.llama_init_from_model(self._model, params)
+        if not context:
+            raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {self.gguf_file}")
+        if self._context is not None:
+            lib.llama_free(self._context)
+        self._context, self._cells = context, cells
+        self._handle()[0] = context
+
+    def _threads(self) -> int:
+        return self.threads or torch.get_num_threads()
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for `needed` more tokens: a larger context, every live row decoded into it again."""
+        used = sum(len(row) for layer in self._layers for row in layer.tokens)
+        if self._context is not None and used + needed <= self._cells:
+            return
+        cells = max(FIRST_CONTEXT, self._cells)
+        while cells < used + needed:
+            cells *= 2
+        self._build_context(cells)
+        replay = [(s, p, t) for layer in self._layers for s, row in zip(layer.sequences, layer.tokens) for p, t in row]
+        for start in range(0, len(replay), BATCH_TOKENS):
+            self._decode(replay[start:start + BATCH_TOKENS])
+
+    def _decode(self, entries: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Run `(sequence, position, token)` entries (<= BATCH_TOKENS) through llama.cpp; their last hidden states
+        `[len(entries), D]` float32."""
+        lib, batch = self.llama_cpp, self._batch
+        batch.n_tokens = len(entries)
+        for i, (sequence, position, token) in enumerate(entries):
+            batch.token[i], batch.pos[i] = token, position
+            batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, sequence, 1
+        code = lib.llama_decode(self._context, batch)
+        if code != 0:
+            raise RuntimeError(f"llama.cpp's decode failed with code {code} ({self.gguf_file})")
+        states = np.ctypeslib.as_array(lib.llama_get_embeddings(self._context), shape=(len(entries), self.hidden_size))
+        return torch.from_numpy(states.copy())
+
+    def release(self, sequences: list[int]) -> None:
+        """Forget these sequence ids' cells and make the ids free again."""
+        if self._context is not None:
+            memory = self.llama_cpp.llama_get_memory(self._context)
+            for sequence in sequences:
+                self.llama_cpp.llama_memory_seq_rm(memory, sequence, -1, -1)
+        self._free.extend(sequences)
+
+    def _allocate(self, rows: int) -> list[int]:
+        if rows > len(self._free):
+            raise ValueError(f"the llama.cpp source serves {MAX_SEQUENCES} rows at once; {rows} more asked "
+                             f"with {MAX_SEQUENCES - len(self._free)} in use")
+        return [self._free.pop() for _ in range(rows)]
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """`input_ids` `[batch, seq]`; `attention_mask` `[batch, past + seq]` (0: padding, not given to llama.cpp);
+        `position_ids` `[batch, seq]` (default: past + 0..seq-1); `cache`: a `LlamaCppCache`, or None to compute the
+        sequence alone (its cells are freed after)."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("the llama.cpp source takes input_ids, not inputs_embeds")
+        batch, length = input_ids.shape
+        layer = None
+        if cache is not None:
+            layer = cache.layers[0]
+            if not isinstance(layer, LlamaCppCacheLayer):
+                raise TypeError("a llama.cpp source needs its own cache (LlamaCppSource.new_cache())")
+        past = layer.length if layer is not None else 0
+        mask = attention_mask[:, -length:] if attention_mask is not None else torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length).expand(batch, length)
+        if int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for {self.gguf_file}; got "
+                             f"{int(input_ids.min())}..{int(input_ids.max())}")
+        with torch.no_grad():
+            rows = [
+                [(int(p), int(t)) for t, p, m in zip(ids, positions, row_mask) if m]
+                for ids, positions, row_mask in zip(input_ids.tolist(), position_ids.tolist(), mask.tolist())
+            ]
+        new = sum(len(row) for row in rows)
+        if layer is not None and not layer.sequences:
+            self._reserve(new)
+            layer.sequences.extend(self._allocate(batch))
+            layer.tokens = [[] for _ in range(batch)]
+            layer.source = self
+            self._layers.add(layer)
+            weakref.finalize(layer, self.release, layer.sequences)
+            sequences = layer.sequences
+        elif layer is not None:
+            if len(layer.sequences) != batch:
+                raise ValueError(f"the cache holds {len(layer.sequences)} rows; {batch} given")
+            self._reserve(new)
+            sequences = layer.sequences
+        else:
+            self._reserve(new)
+            sequences = self._allocate(batch)
+        entries = [(row, s, p, t) for row, (s, tokens) in enumerate(zip(sequences, rows)) for p, t in tokens]
+        hidden = torch.zeros(batch, length, self.hidden_size)
+        try:
+            self.llama_cpp.llama_set_n_threads(self._context, self._threads(), self._threads())
+            columns = mask.bool()
+            states = [
+                self._decode([(s, p, t) for _, s, p, t in entries[start:start + BATCH_TOKENS]])
+                for start in range(0, len(entries), BATCH_TOKENS)
+            ]
+            if states:
+                hidden[columns] = torch.cat(states)  # entries run row by row, column by column: the mask's order
+        finally:
+            if layer is None:
+                self.release(sequences)
+        if layer is not None:
+            for row, tokens in zip(layer.tokens, rows):
+                row.extend(tokens)
+            layer.length += length
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+def _free_llama(lib: Any, batch: Any, model: Any, context_holder: list) -> None:
+    if context_holder[0] is not None:
+        lib.llama_free(context_holder[0])
+    lib.llama_batch_free(batch)
+    lib.llama_model_free(model)
