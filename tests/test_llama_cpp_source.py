@@ -3,6 +3,7 @@ weights, the three-cache invariants, padding, rows dropped mid-generation, a con
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
@@ -145,15 +146,19 @@ def test_left_padded_rows_and_dropped_rows_give_each_row_s_own_logits(pair, one_
 
 def test_a_full_context_grows_and_keeps_every_live_row(pair, one_thread, monkeypatch):
     _, model = pair
-    monkeypatch.setattr(llama_cpp_source, "FIRST_CONTEXT", 8)
-    model.large._context = None  # a new, small context: this generation outgrows it twice
-    ids = torch.randint(5, 300, (2, 6), generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(llama_cpp_source, "FIRST_CONTEXT", 8)  # llama.cpp makes it 256 cells
+    gc.collect()  # the caches of earlier tests
+    model.large.close()  # the next call makes a new, small context, which this generation outgrows
+    ids = torch.randint(5, 300, (2, 120), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        got = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert model.large._cells >= 32
-    with torch.no_grad():
-        recomputed = model(input_ids=got[:, :-1], use_cache=False).logits[:, 5:].argmax(-1)
-    assert recomputed.tolist() == got[:, 6:].tolist()
+        prompt = model(input_ids=ids, use_cache=True)  # 240 tokens: fits
+        assert model.large._cells == 256
+        # 240 + 240 live: grows to 512 at the prefill, then to 1024 mid-generation, each time the live rows replayed
+        got = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
+        assert model.large._cells == 1024
+        del prompt
+        recomputed = model(input_ids=got[:, :-1], use_cache=False).logits[:, 119:].argmax(-1)
+    assert recomputed.tolist() == got[:, 120:].tolist()
 
 
 def test_what_llama_cpp_cannot_do_is_refused_with_the_reason(pair, fetched_large, tiny_pair, one_thread):

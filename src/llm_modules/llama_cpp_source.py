@@ -33,8 +33,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 LLAMA_CPP_PACKAGE = "pip install 'llm-modules[llama-cpp]'"  # builds llama-cpp-python from source (docs/performance.md)
 # Sequence ids one context serves (llama.cpp's LLAMA_MAX_SEQ is 256); rows of every live cache together.
 MAX_SEQUENCES = 256
-FIRST_CONTEXT = 4096  # KV cells of a new context (all rows together); doubled as needed
-BATCH_TOKENS = 512  # tokens per llama_decode call
+FIRST_CONTEXT = 4096  # KV cells of a new context (all rows together); doubled as needed (llama.cpp pads to 256)
+BATCH_TOKENS = 512  # tokens per llama_decode call at most (llama.cpp takes no more than the context's cells)
 
 
 def import_llama_cpp() -> Any:
@@ -129,17 +129,27 @@ class LlamaCppSource(nn.Module):
         if self.hidden_size != config.hidden_size:
             raise ValueError(f"{self.gguf_file}: llama.cpp reads width {self.hidden_size}, its config says "
                              f"{config.hidden_size}")
-        self._context = None
+        # llama.cpp's context (made at the first call, replaced as it grows) in a list the finalizer reads at exit.
+        self._holder: list = [None]
         self._cells = 0
+        self._chunk = BATCH_TOKENS  # tokens per llama_decode call in this context
         self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
         self._free = list(range(MAX_SEQUENCES - 1, -1, -1))
         self._layers: weakref.WeakSet[LlamaCppCacheLayer] = weakref.WeakSet()
-        weakref.finalize(self, _free_llama, lib, self._batch, self._model, self._handle())
+        weakref.finalize(self, _free_llama, lib, self._batch, self._model, self._holder)
 
-    def _handle(self) -> list:
-        """The context pointer, in a list the finalizer reads at exit (the context is replaced as it grows)."""
-        self._context_holder = getattr(self, "_context_holder", [None])
-        return self._context_holder
+    @property
+    def _context(self) -> Any:
+        return self._holder[0]
+
+    def close(self) -> None:
+        """Free llama.cpp's context (its KV cells); the next call makes a new one. Raises RuntimeError while a live
+        cache still holds rows in it."""
+        if any(layer.sequences for layer in self._layers):
+            raise RuntimeError("a cache still holds rows in this llama.cpp context; drop it before close()")
+        if self._context is not None:
+            self.llama_cpp.llama_free(self._context)
+        self._holder[0], self._cells = None, 0
 
     @property
     def device(self) -> torch.device:
@@ -166,8 +176,9 @@ class LlamaCppSource(nn.Module):
             raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {self.gguf_file}")
         if self._context is not None:
             lib.llama_free(self._context)
-        self._context, self._cells = context, cells
-        self._handle()[0] = context
+        # llama.cpp pads the cells to a multiple of 256 and caps its batch at them: read both back.
+        self._holder[0], self._cells = context, lib.llama_n_ctx(context)
+        self._chunk = min(BATCH_TOKENS, lib.llama_n_batch(context))
 
     def _threads(self) -> int:
         return self.threads or torch.get_num_threads()
@@ -182,11 +193,11 @@ class LlamaCppSource(nn.Module):
             cells *= 2
         self._build_context(cells)
         replay = [(s, p, t) for layer in self._layers for s, row in zip(layer.sequences, layer.tokens) for p, t in row]
-        for start in range(0, len(replay), BATCH_TOKENS):
-            self._decode(replay[start:start + BATCH_TOKENS])
+        for start in range(0, len(replay), self._chunk):
+            self._decode(replay[start:start + self._chunk])
 
     def _decode(self, entries: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Run `(sequence, position, token)` entries (<= BATCH_TOKENS) through llama.cpp; their last hidden states
+        """Run `(sequence, position, token)` entries (at most the context's batch) through llama.cpp; their last hidden states
         `[len(entries), D]` float32."""
         lib, batch = self.llama_cpp, self._batch
         batch.n_tokens = len(entries)
@@ -270,8 +281,8 @@ class LlamaCppSource(nn.Module):
             self.llama_cpp.llama_set_n_threads(self._context, self._threads(), self._threads())
             columns = mask.bool()
             states = [
-                self._decode([(s, p, t) for _, s, p, t in entries[start:start + BATCH_TOKENS]])
-                for start in range(0, len(entries), BATCH_TOKENS)
+                self._decode([(s, p, t) for _, s, p, t in entries[start:start + self._chunk]])
+                for start in range(0, len(entries), self._chunk)
             ]
             if states:
                 hidden[columns] = torch.cat(states)  # entries run row by row, column by column: the mask's order
