@@ -20,6 +20,7 @@ hidden states agree to about 1% of their largest value on Qwen2.5-Coder-1.5B Q4_
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from typing import Any
@@ -83,7 +84,8 @@ class LlamaCppCacheLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         keep = [int(i) for i in indices]
-        dropped = [s for i, s in enumerate(self.sequences) if i not in set(keep)]
+        kept = set(keep)
+        dropped = [s for i, s in enumerate(self.sequences) if i not in kept]
         if self.source is not None and dropped:
             self.source.release(dropped)
         self.sequences[:] = [self.sequences[i] for i in keep]
@@ -219,6 +221,8 @@ class LlamaCppSource(nn.Module):
         self._free.extend(sequences)
 
     def _allocate(self, rows: int) -> list[int]:
+        if rows > len(self._free):
+            gc.collect()  # caches kept alive only by reference cycles release their rows when collected
         if rows > len(self._free):
             raise ValueError(f"the llama.cpp source serves {MAX_SEQUENCES} rows at once; {rows} more asked "
                              f"with {MAX_SEQUENCES - len(self._free)} in use")
