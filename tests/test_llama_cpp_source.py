@@ -206,3 +206,14 @@ def test_the_server_s_engine_answers_each_request_as_generate_does(pair, one_thr
         with torch.no_grad():
             expected = torch_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert answer == expected[0, len(ids):].tolist()
+
+
+def test_bench_decode_times_the_llama_cpp_precision(fetched_large, tiny_pair, capsys, one_thread):
+    from llm_modules.cli import main
+
+    assert main(["bench", "decode", "--precisions", "gguf"]) == 2
+    assert "--precisions gguf runs llama.cpp on a real GGUF" in capsys.readouterr().err
+    assert main(["bench", "decode", "--precisions", "float32", "gguf", "--large", str(fetched_large), "--small",
+                 str(tiny_pair[1]), "--contexts", "8", "--new-tokens", "3", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| float32", "| gguf"))]
+    assert len(rows) == 2 and all(float(row.split("|")[4]) > 0 for row in rows)  # combined s/token, both measured

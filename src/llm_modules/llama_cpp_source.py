@@ -45,7 +45,8 @@ def import_llama_cpp() -> Any:
         import llama_cpp
         from llama_cpp._logger import set_verbose
     except ImportError as error:
-        raise ImportError(f"large_quantization='gguf' runs the frozen model in llama.cpp: {LLAMA_CPP_PACKAGE}") from error
+        message = f"large_quantization='gguf' runs the frozen model in llama.cpp: {LLAMA_CPP_PACKAGE}"
+        raise ImportError(message) from error
     set_verbose(False)
     return llama_cpp
 
@@ -199,8 +200,8 @@ class LlamaCppSource(nn.Module):
             self._decode(replay[start:start + self._chunk])
 
     def _decode(self, entries: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Run `(sequence, position, token)` entries (at most the context's batch) through llama.cpp; their last hidden states
-        `[len(entries), D]` float32."""
+        """Run `(sequence, position, token)` entries (at most the context's batch) through llama.cpp; their last hidden
+        states `[len(entries), D]` float32."""
         lib, batch = self.llama_cpp, self._batch
         batch.n_tokens = len(entries)
         for i, (sequence, position, token) in enumerate(entries):

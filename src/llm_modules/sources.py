@@ -330,7 +330,8 @@ def load_frozen_model(
             raise ValueError("large_quantization='gguf' runs the frozen model in llama.cpp on the CPU; "
                              "it takes neither quantization_config nor device_map")
         gguf_file = gguf_for_source(source)
-        return LlamaCppSource(gguf_file, load_config(str(gguf_file), trust_remote_code=kwargs.get("trust_remote_code", False)))
+        config = load_config(str(gguf_file), trust_remote_code=kwargs.get("trust_remote_code", False))
+        return LlamaCppSource(gguf_file, config)
     from .quantization import LARGE_QUANTIZATIONS, quantize_frozen_model
 
     if quantization not in LARGE_QUANTIZATIONS:  # before loading gigabytes

@@ -50,7 +50,8 @@ def add_bench(subparsers) -> None:
     decode.add_argument(
         "--precisions", nargs="+", metavar="PRECISION",
         help="instead of the tables above: the frozen model in each of these precisions side by side (float32, "
-        "bfloat16, float16: torch dtypes; fp16, int8: --large-quantization), with the floor of each, at --contexts "
+        "bfloat16, float16: torch dtypes; fp16, int8, gguf: --large-quantization; gguf needs --large), with the floor "
+        "of each, at --contexts "
         "and every --threads value (CPU only)",
     )
     decode.add_argument("--large", help="with --precisions: a real frozen model (dir or .gguf) instead of random weights")
@@ -147,6 +148,9 @@ def run_bench(args: argparse.Namespace) -> None:
             raise UsageError("--precisions measures the CPU paths; use --device cpu")
         if bool(args.large) != bool(args.small):
             raise UsageError("--large and --small go together (real checkpoints), or leave both out (random weights)")
+        if "gguf" in precisions and not args.large:
+            raise UsageError("--precisions gguf runs llama.cpp on a real GGUF: give --large (a .gguf file or a fetched "
+                             "model) and --small")
         large = resolve_model_source(args.large, "--large") if args.large else None
         small = resolve_model_source(args.small, "--small") if args.small else None
         result = bench_precision(
