@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import CausalLMOutput
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = ("float32", "bfloat16", "fp16", "int8", "gguf")
@@ -80,12 +81,13 @@ class LlamaCppLogits:
         from llm_modules.llama_cpp_source import import_llama_cpp
         from llm_modules.sources import gguf_for_source
 
-        self.llama = import_llama_cpp().Llama(str(gguf_for_source(large)), logits_all=True, n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
+        self.llama = import_llama_cpp().Llama(str(gguf_for_source(large)), logits_all=True, n_ctx=1024,
+                                              n_threads=torch.get_num_threads(), verbose=False)
 
-    def __call__(self, ids: torch.Tensor):
+    def __call__(self, ids: torch.Tensor) -> CausalLMOutput:
         self.llama.reset()
         self.llama.eval(ids[0].tolist())
-        return argparse.Namespace(logits=torch.from_numpy(self.llama.scores[: ids.shape[1]].copy())[None])
+        return CausalLMOutput(logits=torch.from_numpy(self.llama.scores[: ids.shape[1]].copy())[None])
 
     def eval(self) -> "LlamaCppLogits":
         return self

@@ -21,7 +21,9 @@ class LLMModulesCache(Cache):
         """`source_caches`: a cache per source to use instead of a new `DynamicCache` (None: a new one), for a source
         that keeps its keys and values itself (`llama_cpp_source.LlamaCppCache`)."""
         given = source_caches if source_caches is not None else [None] * config.num_sources
-        self.sources = [cache if cache is not None else DynamicCache(config=c) for cache, c in zip(given, config.large_configs)]
+        self.sources = [
+            cache if cache is not None else DynamicCache(config=c) for cache, c in zip(given, config.large_configs)
+        ]
         self.bridges = [
             [DynamicLayer() for _ in range(config.num_cross_attention_layers)] for _ in config.bridge_widths
         ]

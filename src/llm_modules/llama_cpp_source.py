@@ -20,7 +20,9 @@ hidden states agree to about 1% of their largest value on Qwen2.5-Coder-1.5B Q4_
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import logging
 import os
 import weakref
 from typing import Any
@@ -38,16 +40,31 @@ FIRST_CONTEXT = 4096  # KV cells of a new context (all rows together); doubled a
 BATCH_TOKENS = 512  # tokens per llama_decode call at most (llama.cpp takes no more than the context's cells)
 
 
+logger = logging.getLogger(__name__)
+_log_callback = None  # llama.cpp's log callback, kept alive here while llama.cpp may call it
+
+
 def import_llama_cpp() -> Any:
-    """The `llama_cpp` module with llama.cpp's own log quietened (it prints every load step to stderr), or
-    ImportError naming the extra to install."""
+    """The `llama_cpp` module, llama.cpp's log sent to this module's logger at DEBUG, or ImportError naming the extra
+    to install.
+
+    llama.cpp writes every load step to stderr, and at error level some that do not apply here (a GGUF tokenizer
+    token "not control-type": its tokenizer is never used; "default pooling_type is [-1], but [0] was specified":
+    pooling "none" is what is asked). Each failure that matters also comes back as a code this module turns into an
+    exception, so the log is for debugging only."""
+    global _log_callback
     try:
         import llama_cpp
-        from llama_cpp._logger import set_verbose
     except ImportError as error:
         message = f"large_quantization='gguf' runs the frozen model in llama.cpp: {LLAMA_CPP_PACKAGE}"
         raise ImportError(message) from error
-    set_verbose(False)
+    if _log_callback is None:
+        @llama_cpp.llama_log_callback
+        def to_debug_log(level: int, text: bytes, user_data: Any) -> None:
+            logger.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+        _log_callback = to_debug_log
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
     return llama_cpp
 
 
@@ -172,8 +189,7 @@ class LlamaCppSource(nn.Module):
         params.kv_unified = True  # the cells are shared by all rows, not split into MAX_SEQUENCES equal parts
         params.embeddings = True
         params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
-        threads = self._threads()
-        params.n_threads = params.n_threads_batch = threads
+        params.n_threads = params.n_threads_batch = self._threads()
         context = lib.llama_init_from_model(self._model, params)
         if not context:
             raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {self.gguf_file}")
@@ -258,32 +274,28 @@ class LlamaCppSource(nn.Module):
         if int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for {self.gguf_file}; got "
                              f"{int(input_ids.min())}..{int(input_ids.max())}")
-        with torch.no_grad():
-            rows = [
-                [(int(p), int(t)) for t, p, m in zip(ids, positions, row_mask) if m]
-                for ids, positions, row_mask in zip(input_ids.tolist(), position_ids.tolist(), mask.tolist())
-            ]
-        new = sum(len(row) for row in rows)
-        if layer is not None and not layer.sequences:
-            self._reserve(new)
-            layer.sequences.extend(self._allocate(batch))
-            layer.tokens = [[] for _ in range(batch)]
-            layer.source = self
-            self._layers.add(layer)
-            weakref.finalize(layer, self.release, layer.sequences)
-            sequences = layer.sequences
-        elif layer is not None:
-            if len(layer.sequences) != batch:
-                raise ValueError(f"the cache holds {len(layer.sequences)} rows; {batch} given")
-            self._reserve(new)
-            sequences = layer.sequences
-        else:
-            self._reserve(new)
+        if layer is not None and layer.sequences and len(layer.sequences) != batch:
+            raise ValueError(f"the cache holds {len(layer.sequences)} rows; {batch} given")
+        rows = [  # each row's (position, token) pairs, padding left out
+            [(p, t) for t, p, m in zip(ids, positions, row_mask) if m]
+            for ids, positions, row_mask in zip(input_ids.tolist(), position_ids.tolist(), mask.tolist())
+        ]
+        self._reserve(sum(len(row) for row in rows))
+        if layer is None:
             sequences = self._allocate(batch)
+        else:
+            if not layer.sequences:  # a new cache: its rows get sequence ids, given back when it is collected
+                layer.sequences.extend(self._allocate(batch))
+                layer.tokens = [[] for _ in range(batch)]
+                layer.source = self
+                self._layers.add(layer)
+                weakref.finalize(layer, self.release, layer.sequences)
+            sequences = layer.sequences
         entries = [(row, s, p, t) for row, (s, tokens) in enumerate(zip(sequences, rows)) for p, t in tokens]
         hidden = torch.zeros(batch, length, self.hidden_size)
         try:
-            self.llama_cpp.llama_set_n_threads(self._context, self._threads(), self._threads())
+            threads = self._threads()
+            self.llama_cpp.llama_set_n_threads(self._context, threads, threads)
             columns = mask.bool()
             states = [
                 self._decode([(s, p, t) for _, s, p, t in entries[start:start + self._chunk]])

@@ -27,9 +27,9 @@ from .bridge import (
     transformer_blocks,
 )
 from .cache import LLMModulesCache
-from .llama_cpp_source import LlamaCppSource
 from .checkpoints import CheckpointMixin
 from .configuration import LLMModulesConfig
+from .llama_cpp_source import LlamaCppSource
 
 # The bridge and cache classes moved to bridge.py and cache.py; importing them from here keeps working.
 __all__ = [

@@ -184,8 +184,8 @@ def gguf_for_source(source: str) -> Path:
         name = json.loads(manifest.read_text()).get("gguf_file")
         if name and (path.parent / name).is_file():
             return path.parent / name
-    raise NoGGUFFileError(f"large_quantization='gguf' runs the frozen model in llama.cpp from a .gguf file; {source} is "
-                     "not one: pass the .gguf file as the large model (--large-model FILE.gguf)")
+    raise NoGGUFFileError(f"large_quantization='gguf' runs the frozen model in llama.cpp from a .gguf file; {source} "
+                          "is not one: pass the .gguf file as the large model (--large-model FILE.gguf)")
 
 
 def pretrained_kwargs(source: str) -> tuple[str, dict]:

@@ -52,37 +52,33 @@ def _load_precision(
     """large alone, small alone and the combined model (sharing large alone's base) with the frozen model in
     `precision`: a torch dtype name, or a `large_quantization` applied to bfloat16 weights; the trained parts (and
     the small model alone) in float32, or quantized by `trained_quantization`."""
-    from ..sources import load_causal_lm, load_config
+    from ..sources import gguf_for_source, load_causal_lm, load_config
 
+    load_dtype = getattr(torch, precision) if precision in ("float32", "bfloat16", "float16") else torch.bfloat16
     if precision == "gguf":  # the frozen model in llama.cpp, on the GGUF file of `large`
         from ..llama_cpp_source import LlamaCppSource
-        from ..sources import gguf_for_source
 
         if large is None:
             raise ValueError("precision 'gguf' needs a real frozen model with a GGUF file (large=...)")
         gguf_file = gguf_for_source(large)
-        source = LlamaCppSource(gguf_file, load_config(str(gguf_file)))
-        small_alone = load_causal_lm(small, dtype=torch.float32)
-        small_base = load_causal_lm(small, dtype=torch.float32).base_model
-        config = LLMModulesConfig(large_config=source.config, small_config=small_alone.config)
-        combined = LLMModulesForCausalLM(config, large_model=source, small_model=small_base).float()
-        if trained_quantization is not None:
-            quantize_trained_parts(combined, trained_quantization)
-            quantize_frozen_model(small_alone, trained_quantization)
-        return {"combined": combined.eval(), "large_alone": _SourceAlone(source), "small_alone": small_alone.eval()}
-    load_dtype = getattr(torch, precision) if precision in ("float32", "bfloat16", "float16") else torch.bfloat16
+        frozen = LlamaCppSource(gguf_file, load_config(str(gguf_file)))
+        large_alone = _SourceAlone(frozen)
+    else:
+        if large is not None:
+            large_alone = load_causal_lm(large, dtype=load_dtype)
+        else:
+            large_alone = AutoModelForCausalLM.from_config(config.large_config, dtype=load_dtype)
+        if precision in LARGE_QUANTIZATIONS:
+            quantize_frozen_model(large_alone, precision)
+        frozen = large_alone.base_model
     if large is not None:
-        large_alone = load_causal_lm(large, dtype=load_dtype)
         small_alone = load_causal_lm(small, dtype=torch.float32)
         small_base = load_causal_lm(small, dtype=torch.float32).base_model  # the combined model drops its embeddings
-        config = LLMModulesConfig(large_config=large_alone.config, small_config=small_alone.config)
+        config = LLMModulesConfig(large_config=frozen.config, small_config=small_alone.config)
     else:
-        large_alone = AutoModelForCausalLM.from_config(config.large_config, dtype=load_dtype)
         small_alone = AutoModelForCausalLM.from_config(config.small_config, dtype=torch.float32)
         small_base = None
-    if precision in LARGE_QUANTIZATIONS:
-        quantize_frozen_model(large_alone, precision)
-    combined = LLMModulesForCausalLM(config, large_model=large_alone.base_model, small_model=small_base)
+    combined = LLMModulesForCausalLM(config, large_model=frozen, small_model=small_base)
     for part in (combined.bridges, combined.depth, combined.small, combined.lm_head):
         part.float()
     if trained_quantization is not None:
