@@ -6,8 +6,8 @@
    GSM8K-style problems with step-by-step answers (reasoning-gym's `gsm_symbolic` generators, Apache-2.0, read from
    its hash-checked wheel; never installed).
 2. A combined model trained briefly with float32 frozen features (`llm-modules train`, through the feature cache),
-   then evaluated on held-out rows with the frozen model in each precision, and with its trained parts in int8
-   (`--trained-quantization`): validation loss, perplexity and argmax agreement with float32 (assistant tokens).
+   then evaluated on held-out rows with the frozen model in each precision, and with its trained parts in int8 or
+   with its small model in llama.cpp (`--trained-quantization int8 / gguf`): validation loss, perplexity and argmax agreement with float32 (assistant tokens).
 
     python benchmarks/precision_quality.py --large DIR --small DIR --out DIR
 
@@ -42,6 +42,7 @@ COMBINED_SETTINGS = {
     "int8, trained int8": {"large_quantization": "int8", "trained_quantization": "int8"},
     "gguf": {"large_quantization": "gguf"},
     "gguf, trained int8": {"large_quantization": "gguf", "trained_quantization": "int8"},
+    "gguf, trained gguf": {"large_quantization": "gguf", "trained_quantization": "gguf"},
 }
 SYSTEM = "Solve the problem. Think step by step, then give the final answer."
 
@@ -140,13 +141,16 @@ def combined_model_quality(large: str, small: str, train_rows: list[dict], val_r
 
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    # The small model's positions kept, as `compare` trains the real pair (llama.cpp's small model needs them).
+    options = work / "options.json"
+    options.write_text(json.dumps({"model_options": {"small_position_embeddings": "keep"}}))
     out = work / "combined"
     start = time.perf_counter()
     subprocess.run([
         sys.executable, "-m", "llm_modules.cli", "train", "--large", large, "--small", small, "--dataset", str(data),
         "--output-dir", str(out), "--max-steps", str(steps), "--batch-size", "4", "--val-split", "0",
         "--precision", "fp32", "--feature-cache", str(work / "features"), "--lr-bridge", "1e-3", "--lr-small", "1e-4",
-        "--save-steps", str(steps), "--logging-steps", "5", "--patience", "0",
+        "--save-steps", str(steps), "--logging-steps", "5", "--patience", "0", "--config", str(options),
     ], check=True)
     train_s = time.perf_counter() - start
     results = {"train_rows": len(train_rows), "val_rows": len(val_rows), "steps": steps, "train_seconds": train_s}

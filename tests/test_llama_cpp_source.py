@@ -217,3 +217,139 @@ def test_bench_decode_times_the_llama_cpp_precision(fetched_large, tiny_pair, ca
                  str(tiny_pair[1]), "--contexts", "8", "--new-tokens", "3", "--threads", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| float32", "| gguf"))]
     assert len(rows) == 2 and all(float(row.split("|")[4]) > 0 for row in rows)  # combined s/token, both measured
+
+
+# ---- the frozen model without its LM head ------------------------------------------------------------------------
+
+
+def test_the_headless_copy_gives_the_whole_file_s_hidden_states(fetched_large, one_thread):
+    gguf_file = gguf_for_source(str(fetched_large))
+    config = load_config(str(gguf_file))
+    headless, whole = LlamaCppSource(gguf_file, config), LlamaCppSource(gguf_file, config, headless=False)
+    assert headless.input_width == 64 and whole.input_width == 0  # tokens come in as their embedding rows
+    assert headless.vocab_size == whole.vocab_size
+    ids = torch.randint(0, whole.vocab_size, (2, 19), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(headless(input_ids=ids).last_hidden_state, whole(input_ids=ids).last_hidden_state,
+                               atol=1e-6, rtol=1e-6)
+
+
+# ---- the small model in llama.cpp (trained_quantization="gguf") ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_small(tiny_dirs, tmp_path_factory):
+    """A tiny Llama small model 64 wide (Q8_0 blocks rows of 32), saved like a hub checkpoint."""
+    from transformers import AutoTokenizer
+
+    from llm_modules.tiny_models import save_tiny_causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("llama64") / "llama", "llama", tokenizer, hidden_size=64,
+                               layers=2, heads=4)
+
+
+@pytest.fixture(scope="module")
+def small_pair(fetched_large, llama_small, tmp_path_factory):
+    """(combined model in torch with a Llama small model, the same with its small model in llama.cpp from a float32
+    GGUF, the saved dir)."""
+    import copy
+
+    from llm_modules.llama_cpp_source import LlamaCppSmallModel
+
+    torch.manual_seed(0)
+    model = LLMModulesForCausalLM.from_large_and_small(str(fetched_large), str(llama_small), cross_attention_heads=4,
+                                                       small_position_embeddings="keep")
+    with torch.no_grad():
+        for p in model.bridges.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    saved = tmp_path_factory.mktemp("saved-llama") / "combined"
+    model.save_pretrained(saved)
+    in_llama_cpp = copy.deepcopy(model)
+    in_llama_cpp.small = LlamaCppSmallModel(in_llama_cpp.small, file_type="f32")
+    return model.eval(), in_llama_cpp.eval(), saved
+
+
+def test_the_small_model_in_llama_cpp_gives_torch_s_hidden_states(small_pair, one_thread):
+    torch_model, model, _ = small_pair
+    embeds = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = torch_model.small(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    got = model.small(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], **TOLERANCE)
+    assert (got[~mask.bool()] == 0).all() and list(model.small.parameters()) == []
+
+
+def test_small_model_in_llama_cpp_keeps_the_cache_invariants(small_pair, one_thread):
+    torch_model, model, _ = small_pair
+    ids = torch.randint(5, 300, (1, 14), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(full, torch_model(input_ids=ids).logits, **TOLERANCE)
+        out = model(input_ids=ids[:, :9], use_cache=True)
+        cache, steps = out.cache, [out.logits]
+        for i in range(9, 14):
+            steps.append(model(input_ids=ids[:, i:i + 1], attention_mask=torch.ones(1, i + 1, dtype=torch.long),
+                               cache=cache, use_cache=True).logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, **TOLERANCE)  # cached == recompute
+        changed = ids.clone()
+        changed[0, 10] = (changed[0, 10] + 1) % 300
+        later = model(input_ids=changed, use_cache=False).logits
+        torch.testing.assert_close(later[:, :10], full[:, :10], atol=1e-5, rtol=1e-5)  # causal
+        expected = torch_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        got = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert got.tolist() == expected.tolist()
+
+
+def test_trained_quantization_gguf_loads_runs_and_stays_close_to_float32(small_pair, one_thread, capsys):
+    from llm_modules.cli import main
+    from llm_modules.llama_cpp_source import LlamaCppSmallModel
+    from llm_modules.quantization import Int8Linear
+
+    torch_model, _, saved = small_pair
+    model = LLMModulesForCausalLM.from_pretrained(saved, large_quantization="gguf", trained_quantization="gguf")
+    assert isinstance(model.small, LlamaCppSmallModel) and model.small.file_type == "q8_0"
+    assert isinstance(model.lm_head, Int8Linear)
+    ids = torch.randint(5, 300, (2, 11), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        got, expected = model(input_ids=ids).logits, torch_model(input_ids=ids).logits
+    # Q8_0 blocks and int8 head: close to float32, not equal (the real pair's agreement is in docs/performance.md)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    code = main(["generate", "--model", str(saved), "--prompt", "The quick brown", "--max-new-tokens", "4",
+                 "--large-quantization", "gguf", "--trained-quantization", "gguf"])
+    assert code == 0 and capsys.readouterr().out.strip()
+
+
+def test_what_the_small_model_in_llama_cpp_cannot_do_is_refused(small_pair, fetched_large, tiny_pair, tmp_path, capsys):
+    from llm_modules.cli import main
+    from llm_modules.quantization import quantize_trained_parts
+
+    neo = LLMModulesForCausalLM.from_large_and_small(str(fetched_large), tiny_pair[1], cross_attention_heads=4,
+                                                     small_position_embeddings="keep")
+    with pytest.raises(ValueError, match="Llama-architecture models; this one is 'gpt_neo'"):
+        quantize_trained_parts(neo, "gguf")
+    neo.save_pretrained(tmp_path / "neo")
+    code = main(["generate", "--model", str(tmp_path / "neo"), "--prompt", "x", "--trained-quantization", "gguf"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Llama-architecture" in captured.err and "Traceback" not in captured.err
+    zero = LLMModulesForCausalLM.from_large_and_small(str(fetched_large), tiny_pair[1], cross_attention_heads=4)
+    with pytest.raises(ValueError, match="small_position_embeddings='keep'"):
+        quantize_trained_parts(zero, "gguf")
+    _, model, _ = small_pair
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(torch.randint(5, 300, (1, 4)), max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+
+
+def test_bench_decode_times_the_small_model_in_llama_cpp(fetched_large, llama_small, capsys, one_thread):
+    from llm_modules.cli import main
+
+    assert main(["bench", "decode", "--trained-quantization", "gguf"]) == 2
+    assert "--trained-quantization goes with --precisions" in capsys.readouterr().err
+    assert main(["bench", "decode", "--precisions", "gguf", "--trained-quantization", "gguf", "--large",
+                 str(fetched_large), "--small", str(llama_small), "--contexts", "8", "--new-tokens", "3",
+                 "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gguf")]
+    assert len(rows) == 1 and float(rows[0].split("|")[4]) > 0

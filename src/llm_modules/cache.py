@@ -17,9 +17,11 @@ class LLMModulesCache(Cache):
     are the first source's and the first bridge's.
     """
 
-    def __init__(self, config: LLMModulesConfig, source_caches: list[Cache | None] | None = None):
-        """`source_caches`: a cache per source to use instead of a new `DynamicCache` (None: a new one), for a source
-        that keeps its keys and values itself (`llama_cpp_source.LlamaCppCache`)."""
+    def __init__(self, config: LLMModulesConfig, source_caches: list[Cache | None] | None = None,
+                 small_cache: Cache | None = None):
+        """`source_caches`: a cache per source to use instead of a new `DynamicCache` (None: a new one), and
+        `small_cache` the small model's, for a model that keeps its keys and values itself
+        (`llama_cpp_source.LlamaCppCache`)."""
         given = source_caches if source_caches is not None else [None] * config.num_sources
         self.sources = [
             cache if cache is not None else DynamicCache(config=c) for cache, c in zip(given, config.large_configs)
@@ -28,7 +30,7 @@ class LLMModulesCache(Cache):
             [DynamicLayer() for _ in range(config.num_cross_attention_layers)] for _ in config.bridge_widths
         ]
         self.depth = [DynamicLayer() for _ in config.depth_connection_list]
-        self.small = DynamicCache(config=config.small_config)
+        self.small = small_cache if small_cache is not None else DynamicCache(config=config.small_config)
         self.large, self.bridge = self.sources[0], self.bridges[0]
         super().__init__(
             layers=[

@@ -1,16 +1,19 @@
-"""The frozen source run by llama.cpp on its GGUF file's own quantized blocks: `large_quantization="gguf"`.
+"""Models run by llama.cpp on GGUF files' own quantized blocks: the frozen source (`large_quantization="gguf"`,
+`LlamaCppSource`) and the trained small model (`trained_quantization="gguf"`, `LlamaCppSmallModel`).
 
-Decoding one token on a CPU reads every frozen weight once. Our own int8 forward of Qwen2.5-Coder-1.5B costs 2.2-2.6x
+Decoding one token on a CPU reads every weight once. Our own int8 forward of Qwen2.5-Coder-1.5B costs 2.2-2.6x
 llama.cpp's whole Q4_K_M token (docs/performance.md), and torch's 4-bit CPU kernels were no faster than our int8, so
 the frozen model runs in llama.cpp itself, through llama-cpp-python (the maintained binding of llama.cpp's C API;
-its `Llama` class is for text in and text out, so its low-level functions are used), and the trained parts stay in
-torch. With embeddings on and pooling "none", llama.cpp returns each token's last hidden state after the final norm:
-what transformers' `last_hidden_state` is, and what the bridge reads.
+its `Llama` class is for text in and text out, so its low-level functions are used). With embeddings on and pooling
+"none", llama.cpp returns each token's last hidden state after the final norm: what transformers'
+`last_hidden_state` is, and what the bridge (or, for the small model, the new head) reads. The small model's ~5,000
+small torch calls per token cost as much as its weights (docs/performance.md), so it can run there too, fed the
+bridge output as embedding rows; the bridge and the head stay in torch.
 
-The KV cache lives inside llama.cpp's context, one sequence id per batch row. `LlamaCppCacheLayer` (this source's part
-of the combined model's cache) holds the rows' sequence ids and the tokens each row was given, so the cache's length,
+The KV cache lives inside llama.cpp's context, one sequence id per batch row. `LlamaCppCacheLayer` (a model's part
+of the combined model's cache) holds the rows' sequence ids and the inputs each row was given, so the cache's length,
 dropping rows (`batch_select_indices`: the server's finished requests) and several live caches at once work. When
-the context runs out of cells it is rebuilt twice as large and every live row's tokens are decoded again. Reordering
+the context runs out of cells it is rebuilt twice as large and every live row's inputs are decoded again. Reordering
 (beam search), cropping (assisted decoding) and repeating rows are refused with a message.
 
 Numbers differ from the torch model on the same weights: llama.cpp multiplies Q4_K/Q6_K blocks with activations
@@ -24,7 +27,9 @@ import ctypes
 import gc
 import logging
 import os
+import tempfile
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +61,7 @@ def import_llama_cpp() -> Any:
     try:
         import llama_cpp
     except ImportError as error:
-        message = f"large_quantization='gguf' runs the frozen model in llama.cpp: {LLAMA_CPP_PACKAGE}"
+        message = f"'gguf' quantization runs models in llama.cpp: {LLAMA_CPP_PACKAGE}"
         raise ImportError(message) from error
     if _log_callback is None:
         @llama_cpp.llama_log_callback
@@ -69,15 +74,16 @@ def import_llama_cpp() -> Any:
 
 
 class LlamaCppCacheLayer(DynamicLayer):
-    """This source's KV cache inside the combined model's cache: the llama.cpp sequence id of each batch row and the
-    tokens it was given (`[(position, token), ...]` per row, padding left out), the tensors being in llama.cpp."""
+    """A llama.cpp model's KV cache inside the combined model's cache: the llama.cpp sequence id of each batch row and
+    the inputs it was given (`[(position, token id or embedding row), ...]` per row, padding left out), the keys and
+    values being in llama.cpp."""
 
     def __init__(self) -> None:
         super().__init__()
         self.length = 0  # columns seen, padding included: what `get_seq_length` reports, as for a DynamicLayer
         self.sequences: list[int] = []  # kept as one list object: the finalizer releases what it holds then
-        self.tokens: list[list[tuple[int, int]]] = []
-        self.source: LlamaCppSource | None = None
+        self.inputs: list[list[tuple[int, Any]]] = []  # per row: (position, token id or embedding row)
+        self.source: LlamaCppModel | None = None
 
     def get_seq_length(self) -> int:
         return self.length
@@ -86,19 +92,20 @@ class LlamaCppCacheLayer(DynamicLayer):
         return self.length + query_length, 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        raise RuntimeError("the llama.cpp source keeps its keys and values inside llama.cpp")
+        raise RuntimeError("a llama.cpp model keeps its keys and values inside llama.cpp")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not available with large_quantization='gguf' (the llama.cpp KV "
-                                  "cache is not reordered); use greedy decoding or sampling")
+        raise NotImplementedError("beam search is not available with a model in llama.cpp ('gguf' quantization: its "
+                                  "KV cache is not reordered); use greedy decoding or sampling")
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("cropping the cache (assisted decoding, prompt lookup) is not available with "
-                                  "large_quantization='gguf'")
+                                  "a model in llama.cpp ('gguf' quantization)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if repeats != 1:
-            raise NotImplementedError("repeating cached rows is not available with large_quantization='gguf'")
+            raise NotImplementedError("repeating cached rows is not available with a model in llama.cpp ('gguf' "
+                                      "quantization)")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         keep = [int(i) for i in indices]
@@ -107,7 +114,7 @@ class LlamaCppCacheLayer(DynamicLayer):
         if self.source is not None and dropped:
             self.source.release(dropped)
         self.sequences[:] = [self.sequences[i] for i in keep]
-        self.tokens = [self.tokens[i] for i in keep]
+        self.inputs = [self.inputs[i] for i in keep]
 
     def offload(self) -> None:  # nothing held in torch
         pass
@@ -123,37 +130,42 @@ class LlamaCppCache(Cache):
         super().__init__(layers=[LlamaCppCacheLayer()])
 
 
-class LlamaCppSource(nn.Module):
-    """A frozen base transformer computed by llama.cpp from a GGUF file: called like transformers' base models,
-    `source(input_ids, attention_mask, position_ids, cache, use_cache)` -> `last_hidden_state` `[batch, seq, D]`
-    float32 (zeros at padded positions). CPU only; no weights in torch (`parameters()` is empty).
+class LlamaCppModel(nn.Module):
+    """A GGUF model run by llama.cpp with its KV cache, one sequence id per batch row; what the frozen source
+    (`LlamaCppSource`, token ids in) and the small model (`LlamaCppSmallModel`, embeddings in) share. Both return each
+    token's last hidden state after the final norm (embeddings on, pooling "none"), float32, zeros at padding.
 
-    `config`: the transformers config of the same file (`sources.load_config`), which the combined model reads for
-    sizes. `threads`: llama.cpp's threads for each call (default: torch's, read at every call).
-    Raises ValueError for a file llama.cpp cannot load and for token ids outside its vocabulary.
+    A row's inputs are kept as `(position, item)` pairs in its cache layer (an item: a token id, or an embedding row
+    `[D_in]`), so a context that runs out of cells is rebuilt twice as large and every live row replayed into it.
     """
 
-    def __init__(self, gguf_file: str | os.PathLike, config: Any, threads: int | None = None):
+    def __init__(self, gguf_file: str | os.PathLike, config: Any, threads: int | None = None, input_width: int = 0,
+                 name: str | None = None):
+        """`input_width`: 0 to give llama.cpp token ids, else the width of the embedding rows it is given. `name`: the
+        file named in errors (default `gguf_file`)."""
         super().__init__()
         self.llama_cpp = import_llama_cpp()
         self.gguf_file = str(gguf_file)
+        self.name = name or self.gguf_file
         self.config = config
         self.threads = threads
+        self.input_width = input_width
         lib = self.llama_cpp
         lib.llama_backend_init()
         self._model = lib.llama_model_load_from_file(self.gguf_file.encode(), lib.llama_model_default_params())
         if not self._model:
-            raise ValueError(f"{self.gguf_file}: llama.cpp could not load this GGUF file")
+            raise ValueError(f"{self.name}: llama.cpp could not load this GGUF file")
         self.hidden_size = lib.llama_model_n_embd(self._model)
-        self.vocab_size = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
         if self.hidden_size != config.hidden_size:
-            raise ValueError(f"{self.gguf_file}: llama.cpp reads width {self.hidden_size}, its config says "
+            raise ValueError(f"{self.name}: llama.cpp reads width {self.hidden_size}, its config says "
                              f"{config.hidden_size}")
         # llama.cpp's context (made at the first call, replaced as it grows) in a list the finalizer reads at exit.
         self._holder: list = [None]
         self._cells = 0
         self._chunk = BATCH_TOKENS  # tokens per llama_decode call in this context
-        self._batch = lib.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self._batch = lib.llama_batch_init(BATCH_TOKENS, input_width, 1)
+        self._embd = (np.ctypeslib.as_array(self._batch.embd, shape=(BATCH_TOKENS, input_width))
+                      if input_width else None)
         self._free = list(range(MAX_SEQUENCES - 1, -1, -1))
         self._layers: weakref.WeakSet[LlamaCppCacheLayer] = weakref.WeakSet()
         weakref.finalize(self, _free_llama, lib, self._batch, self._model, self._holder)
@@ -192,7 +204,7 @@ class LlamaCppSource(nn.Module):
         params.n_threads = params.n_threads_batch = self._threads()
         context = lib.llama_init_from_model(self._model, params)
         if not context:
-            raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {self.gguf_file}")
+            raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {self.name}")
         if self._context is not None:
             lib.llama_free(self._context)
         # llama.cpp pads the cells to a multiple of 256 and caps its batch at them: read both back.
@@ -204,28 +216,36 @@ class LlamaCppSource(nn.Module):
 
     def _reserve(self, needed: int) -> None:
         """Make room for `needed` more tokens: a larger context, every live row decoded into it again."""
-        used = sum(len(row) for layer in self._layers for row in layer.tokens)
+        used = sum(len(row) for layer in self._layers for row in layer.inputs)
         if self._context is not None and used + needed <= self._cells:
             return
         cells = max(FIRST_CONTEXT, self._cells)
         while cells < used + needed:
             cells *= 2
         self._build_context(cells)
-        replay = [(s, p, t) for layer in self._layers for s, row in zip(layer.sequences, layer.tokens) for p, t in row]
+        replay = [(s, p, t) for layer in self._layers for s, row in zip(layer.sequences, layer.inputs) for p, t in row]
         for start in range(0, len(replay), self._chunk):
             self._decode(replay[start:start + self._chunk])
 
-    def _decode(self, entries: list[tuple[int, int, int]]) -> torch.Tensor:
-        """Run `(sequence, position, token)` entries (at most the context's batch) through llama.cpp; their last hidden
+    def _embedding_rows(self, items: list[Any]) -> np.ndarray:
+        """The embedding rows `[len(items), input_width]` llama.cpp is given for these items."""
+        return torch.stack(items).numpy()
+
+    def _decode(self, entries: list[tuple[int, int, Any]]) -> torch.Tensor:
+        """Run `(sequence, position, item)` entries (at most the context's batch) through llama.cpp; their last hidden
         states `[len(entries), D]` float32."""
         lib, batch = self.llama_cpp, self._batch
         batch.n_tokens = len(entries)
-        for i, (sequence, position, token) in enumerate(entries):
-            batch.token[i], batch.pos[i] = token, position
+        if self._embd is not None:
+            self._embd[:len(entries)] = self._embedding_rows([item for _, _, item in entries])
+        for i, (sequence, position, item) in enumerate(entries):
+            if self._embd is None:
+                batch.token[i] = item
+            batch.pos[i] = position
             batch.n_seq_id[i], batch.seq_id[i][0], batch.logits[i] = 1, sequence, 1
         code = lib.llama_decode(self._context, batch)
         if code != 0:
-            raise RuntimeError(f"llama.cpp's decode failed with code {code} ({self.gguf_file})")
+            raise RuntimeError(f"llama.cpp's decode failed with code {code} ({self.name})")
         states = np.ctypeslib.as_array(lib.llama_get_embeddings(self._context), shape=(len(entries), self.hidden_size))
         return torch.from_numpy(states.copy())
 
@@ -241,11 +261,93 @@ class LlamaCppSource(nn.Module):
         if rows > len(self._free):
             gc.collect()  # caches kept alive only by reference cycles release their rows when collected
         if rows > len(self._free):
-            raise ValueError(f"the llama.cpp source serves {MAX_SEQUENCES} rows at once; {rows} more asked "
+            raise ValueError(f"llama.cpp serves {MAX_SEQUENCES} rows at once per model; {rows} more asked "
                              f"with {MAX_SEQUENCES - len(self._free)} in use")
         return [self._free.pop() for _ in range(rows)]
 
     # ---- forward ------------------------------------------------------------------------------------------------
+
+    def _run(self, items: list[list[Any]], attention_mask: torch.Tensor | None, position_ids: torch.LongTensor | None,
+             cache: Cache | None) -> BaseModelOutputWithPast:
+        """`items` `[batch][seq]` (token ids or embedding rows); `attention_mask` `[batch, past + seq]` (0: padding,
+        not given to llama.cpp); `position_ids` `[batch, seq]` (default: past + 0..seq-1); `cache`: a
+        `LlamaCppCache`, or None to compute the sequence alone (its cells are freed after)."""
+        batch, length = len(items), len(items[0])
+        layer = None
+        if cache is not None:
+            layer = cache.layers[0]
+            if not isinstance(layer, LlamaCppCacheLayer):
+                raise TypeError("a llama.cpp model needs its own cache (its new_cache())")
+        past = layer.length if layer is not None else 0
+        mask = attention_mask[:, -length:] if attention_mask is not None else torch.ones(batch, length)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length).expand(batch, length)
+        if layer is not None and layer.sequences and len(layer.sequences) != batch:
+            raise ValueError(f"the cache holds {len(layer.sequences)} rows; {batch} given")
+        rows = [  # each row's (position, item) pairs, padding left out
+            [(p, item) for item, p, m in zip(row_items, positions, row_mask) if m]
+            for row_items, positions, row_mask in zip(items, position_ids.tolist(), mask.tolist())
+        ]
+        self._reserve(sum(len(row) for row in rows))
+        if layer is None:
+            sequences = self._allocate(batch)
+        else:
+            if not layer.sequences:  # a new cache: its rows get sequence ids, given back when it is collected
+                layer.sequences.extend(self._allocate(batch))
+                layer.inputs = [[] for _ in range(batch)]
+                layer.source = self
+                self._layers.add(layer)
+                weakref.finalize(layer, self.release, layer.sequences)
+            sequences = layer.sequences
+        entries = [(s, p, item) for s, row in zip(sequences, rows) for p, item in row]
+        hidden = torch.zeros(batch, length, self.hidden_size)
+        try:
+            threads = self._threads()
+            self.llama_cpp.llama_set_n_threads(self._context, threads, threads)
+            states = [self._decode(entries[start:start + self._chunk]) for start in range(0, len(entries), self._chunk)]
+            if states:
+                hidden[mask.bool()] = torch.cat(states)  # entries run row by row, column by column: the mask's order
+        finally:
+            if layer is None:
+                self.release(sequences)
+        if layer is not None:
+            for row, given in zip(layer.inputs, rows):
+                row.extend(given)
+            layer.length += length
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+
+class LlamaCppSource(LlamaCppModel):
+    """A frozen base transformer computed by llama.cpp from a GGUF file: called like transformers' base models,
+    `source(input_ids, attention_mask, position_ids, cache, use_cache)` -> `last_hidden_state` `[batch, seq, D]`
+    float32 (zeros at padded positions). CPU only; no weights in torch (`parameters()` is empty).
+
+    `config`: the transformers config of the same file (`sources.load_config`), which the combined model reads for
+    sizes. `threads`: llama.cpp's threads for each call (default: torch's, read at every call). `headless` (default):
+    for the architectures `llama_cpp_files.headless_gguf` takes, llama.cpp runs a copy of the file without its LM
+    head (written to a temporary file, removed once loaded) and the tokens come in as their embedding rows, read from
+    the original file: the same hidden states, without computing logits nobody reads.
+    Raises ValueError for a file llama.cpp cannot load and for token ids outside its vocabulary.
+    """
+
+    def __init__(self, gguf_file: str | os.PathLike, config: Any, threads: int | None = None, headless: bool = True):
+        from .llama_cpp_files import TokenEmbeddingRows, headless_gguf
+
+        self._token_rows = None
+        with tempfile.TemporaryDirectory(prefix="llm-modules-") as scratch:
+            copy = Path(scratch) / "headless.gguf"
+            if headless and headless_gguf(gguf_file, copy):
+                # llama.cpp maps the file: removing it once loaded leaves the mapping readable.
+                super().__init__(copy, config, threads, input_width=config.hidden_size, name=str(gguf_file))
+                self._token_rows = TokenEmbeddingRows(gguf_file)
+                self.vocab_size = self._token_rows.vocab_size
+            else:
+                super().__init__(gguf_file, config, threads)
+                self.vocab_size = self.llama_cpp.llama_vocab_n_tokens(self.llama_cpp.llama_model_get_vocab(self._model))
+        self.gguf_file = str(gguf_file)
+
+    def _embedding_rows(self, items: list[Any]) -> np.ndarray:
+        return self._token_rows.rows(items)
 
     def forward(
         self,
@@ -261,56 +363,49 @@ class LlamaCppSource(nn.Module):
         sequence alone (its cells are freed after)."""
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("the llama.cpp source takes input_ids, not inputs_embeds")
-        batch, length = input_ids.shape
-        layer = None
-        if cache is not None:
-            layer = cache.layers[0]
-            if not isinstance(layer, LlamaCppCacheLayer):
-                raise TypeError("a llama.cpp source needs its own cache (LlamaCppSource.new_cache())")
-        past = layer.length if layer is not None else 0
-        mask = attention_mask[:, -length:] if attention_mask is not None else torch.ones_like(input_ids)
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length).expand(batch, length)
         if int(input_ids.max()) >= self.vocab_size or int(input_ids.min()) < 0:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}) for {self.gguf_file}; got "
                              f"{int(input_ids.min())}..{int(input_ids.max())}")
-        if layer is not None and layer.sequences and len(layer.sequences) != batch:
-            raise ValueError(f"the cache holds {len(layer.sequences)} rows; {batch} given")
-        rows = [  # each row's (position, token) pairs, padding left out
-            [(p, t) for t, p, m in zip(ids, positions, row_mask) if m]
-            for ids, positions, row_mask in zip(input_ids.tolist(), position_ids.tolist(), mask.tolist())
-        ]
-        self._reserve(sum(len(row) for row in rows))
-        if layer is None:
-            sequences = self._allocate(batch)
-        else:
-            if not layer.sequences:  # a new cache: its rows get sequence ids, given back when it is collected
-                layer.sequences.extend(self._allocate(batch))
-                layer.tokens = [[] for _ in range(batch)]
-                layer.source = self
-                self._layers.add(layer)
-                weakref.finalize(layer, self.release, layer.sequences)
-            sequences = layer.sequences
-        entries = [(row, s, p, t) for row, (s, tokens) in enumerate(zip(sequences, rows)) for p, t in tokens]
-        hidden = torch.zeros(batch, length, self.hidden_size)
-        try:
-            threads = self._threads()
-            self.llama_cpp.llama_set_n_threads(self._context, threads, threads)
-            columns = mask.bool()
-            states = [
-                self._decode([(s, p, t) for _, s, p, t in entries[start:start + self._chunk]])
-                for start in range(0, len(entries), self._chunk)
-            ]
-            if states:
-                hidden[columns] = torch.cat(states)  # entries run row by row, column by column: the mask's order
-        finally:
-            if layer is None:
-                self.release(sequences)
-        if layer is not None:
-            for row, tokens in zip(layer.tokens, rows):
-                row.extend(tokens)
-            layer.length += length
-        return BaseModelOutputWithPast(last_hidden_state=hidden)
+        return self._run(input_ids.tolist(), attention_mask, position_ids, cache)
+
+
+class LlamaCppSmallModel(LlamaCppModel):
+    """The trained small model run by llama.cpp (`trained_quantization="gguf"`): its blocks written to a GGUF
+    (`llama_cpp_files.small_model_gguf`, Q8_0 by default; a temporary file, removed once loaded), called like the
+    transformers base model it replaces, `small(inputs_embeds, attention_mask, position_ids, cache, use_cache)` ->
+    `last_hidden_state` `[batch, seq, D_S]` float32 (zeros at padding). The bridge output `inputs_embeds`
+    `[batch, seq, D_S]` is its input, as in torch; the new head stays in torch.
+
+    Raises ValueError for a small model `small_model_gguf` cannot write (not a Llama architecture).
+    """
+
+    def __init__(self, small: nn.Module, file_type: str = "q8_0", threads: int | None = None):
+        from .llama_cpp_files import small_model_gguf
+
+        with tempfile.TemporaryDirectory(prefix="llm-modules-") as scratch:
+            path = Path(scratch) / f"small-{file_type}.gguf"
+            small_model_gguf(small, path, file_type)
+            super().__init__(path, small.config, threads, input_width=small.config.hidden_size,
+                             name=f"the small model in GGUF ({file_type})")
+        self.file_type = file_type
+
+    def get_input_embeddings(self) -> nn.Module:
+        return nn.Embedding(0, self.hidden_size)  # bypassed, as in torch
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """`inputs_embeds` `[batch, seq, D_S]`; the rest as `LlamaCppSource.forward`."""
+        if kwargs.get("input_ids") is not None:
+            raise ValueError("the small model reads the bridge output (inputs_embeds), not input_ids")
+        rows = inputs_embeds.detach().float().cpu()
+        return self._run([list(row.unbind(0)) for row in rows], attention_mask, position_ids, cache)
 
 
 def _free_llama(lib: Any, batch: Any, model: Any, context_holder: list) -> None:

@@ -169,8 +169,10 @@ class LLMModulesForCausalLM(CheckpointMixin, LLMModulesPreTrainedModel, Generati
         return embeddings() if embeddings is not None else None
 
     def new_cache(self) -> LLMModulesCache:
-        """An empty cache for this model; a source that keeps its own KV cache (llama.cpp) gives its part."""
-        return LLMModulesCache(self.config, [getattr(source, "new_cache", lambda: None)() for source in self.sources])
+        """An empty cache for this model; a source or small model that keeps its own KV cache (llama.cpp) gives its
+        part."""
+        return LLMModulesCache(self.config, [getattr(source, "new_cache", lambda: None)() for source in self.sources],
+                               getattr(self.small, "new_cache", lambda: None)())
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head

@@ -74,7 +74,9 @@ def _load_precision(
     if large is not None:
         small_alone = load_causal_lm(small, dtype=torch.float32)
         small_base = load_causal_lm(small, dtype=torch.float32).base_model  # the combined model drops its embeddings
-        config = LLMModulesConfig(large_config=frozen.config, small_config=small_alone.config)
+        # Positions as the real pair trains them (`compare`'s recipe); llama.cpp's small model needs them too.
+        config = LLMModulesConfig(large_config=frozen.config, small_config=small_alone.config,
+                                  small_position_embeddings="keep")
     else:
         small_alone = AutoModelForCausalLM.from_config(config.small_config, dtype=torch.float32)
         small_base = None
@@ -83,7 +85,8 @@ def _load_precision(
         part.float()
     if trained_quantization is not None:
         quantize_trained_parts(combined, trained_quantization)
-        quantize_frozen_model(small_alone, trained_quantization)
+        # The small model alone (a reference) has its own head in torch: int8 for "gguf" as for "int8".
+        quantize_frozen_model(small_alone, "int8")
     return {"combined": combined.eval(), "large_alone": large_alone.eval(), "small_alone": small_alone.eval()}
 
 

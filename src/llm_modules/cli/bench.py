@@ -56,6 +56,11 @@ def add_bench(subparsers) -> None:
     )
     decode.add_argument("--large", help="with --precisions: a real frozen model (dir or .gguf) instead of random weights")
     decode.add_argument("--small", help="with --precisions: a real small model (dir or .gguf)")
+    decode.add_argument(
+        "--trained-quantization", choices=["int8", "gguf"],
+        help="with --precisions: the trained parts as generate's --trained-quantization (default float32; gguf needs a "
+        "Llama-architecture small model)",
+    )
     decode.set_defaults(handler=run_bench)
 
     train = kinds.add_parser("train", parents=[common], help="training step with and without the feature cache")
@@ -136,6 +141,8 @@ def run_bench(args: argparse.Namespace) -> None:
     precisions = getattr(args, "precisions", None)
     if precisions is None and (getattr(args, "large", None) or getattr(args, "small", None)):
         raise UsageError("--large/--small need --precisions (the other tables use random weights)")
+    if precisions is None and getattr(args, "trained_quantization", None):
+        raise UsageError("--trained-quantization goes with --precisions")
     if precisions is None and args.threads and len(args.threads) > 1:
         raise UsageError(f"--threads: one value, or several with --precisions; got {args.threads}")
     if precisions is not None:
@@ -156,6 +163,7 @@ def run_bench(args: argparse.Namespace) -> None:
         result = bench_precision(
             None if large else config, large=large, small=small, precisions=precisions, contexts=args.contexts,
             threads=args.threads or [1], new_tokens=args.new_tokens, seed=args.seed, clock=args.clock,
+            trained_quantization=args.trained_quantization,
         )
         print(format_precision(result))
         if args.json:

@@ -125,9 +125,10 @@ def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
         "(fastest; needs the llama-cpp extra; the frozen model a .gguf file or a fetched model)",
     )
     parser.add_argument(
-        "--trained-quantization", choices=["int8"],
-        help="the trained parts' linear layers (bridge, small model, head) on the CPU: int8 weights, for inference "
-        "(docs/performance.md)",
+        "--trained-quantization", choices=["int8", "gguf"],
+        help="the trained parts on the CPU, for inference: int8 (bridge, small model, head in int8 weights) or gguf "
+        "(the small model's blocks run by llama.cpp in Q8_0, bridge and head in int8; a Llama-architecture small "
+        "model; needs the llama-cpp extra) (docs/performance.md)",
     )
 
 
