@@ -8,7 +8,9 @@ llama-cpp-python 0.3.36 vendors; AVX2 flags, see that script), on the fetched Q4
 CONTEXT`: N tokens decoded after a CONTEXT-token prompt, the mean of --repetitions runs. Ours:
 `llm-modules bench decode --precisions` (`llm_modules.benchmarking.precision`) on the same fetched models (the plain
 bf16 dirs `llm-modules fetch` keeps beside the GGUFs), combined model with its three caches, frozen model in each
---precisions, trained parts in float32 or --trained-quantization. Both are fetched first:
+--precisions (default gguf: llama.cpp on the same GGUF, without its LM head), trained parts in each
+--trained-quantization (default int8, and gguf: the small model in llama.cpp too). --rounds repeats llama.cpp and
+ours in turn and reports medians and ranges. Both models are fetched first:
 `llm-modules fetch qwen2.5-coder-1.5b-instruct smollm2-135m-instruct`. Seconds per generated token; the table's last
 column is ours over llama.cpp's (the issue-30 target: <= 1.3 at one thread, context 256).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +62,14 @@ def run_llama_bench(bench: str, gguf: Path, threads: list[int], contexts: list[i
             for r in json.loads(done.stdout)]
 
 
+def summary(values: list[float], digits: int = 3, suffix: str = "") -> str:
+    """The median, and the range over rounds when there are several."""
+    middle = statistics.median(values)
+    if len(values) == 1:
+        return f"{middle:.{digits}f}{suffix}"
+    return f"{middle:.{digits}f}{suffix} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", default="qwen2.5-coder-1.5b-instruct", help="a fetched name (its GGUF and plain dir)")
@@ -67,11 +78,14 @@ def main() -> int:
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 512])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repetitions", type=int, default=3, help="llama-bench runs per setting")
-    parser.add_argument("--precisions", nargs="+", default=["int8"], help="ours: the frozen model's (bench decode's)")
-    parser.add_argument("--trained-quantization", nargs="+", default=["none", "int8"],
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="llama.cpp then ours, this many times; the table gives medians and ranges over rounds "
+                        "(a shared VM's speed drifts by 10-30%% between minutes)")
+    parser.add_argument("--precisions", nargs="+", default=["gguf"], help="ours: the frozen model's (bench decode's)")
+    parser.add_argument("--trained-quantization", nargs="+", default=["int8", "gguf"],
                         help="ours: the trained parts' (none: float32), each measured")
     parser.add_argument("--llama-bench", help="a llama-bench binary (default: build it, see the module docstring)")
-    parser.add_argument("--json", type=Path, help="write the results here (atomic)")
+    parser.add_argument("--json", type=Path, help="write the results here (atomic, after every round)")
     args = parser.parse_args()
 
     from llm_modules.benchmarking import machine_info
@@ -82,35 +96,44 @@ def main() -> int:
     if large is None or small is None:
         sys.exit(f"fetch them first: llm-modules fetch {args.large} {args.small}")
     bench = llama_bench_path(args.llama_bench)
-    print(f"llama.cpp ({bench}) on {large.gguf.name} ...", file=sys.stderr, flush=True)
-    reference = run_llama_bench(bench, large.gguf, args.threads, args.contexts, args.new_tokens, args.repetitions)
-    rows = []
-    for trained in args.trained_quantization:
-        ours = bench_precision(large=str(large.plain), small=str(small.plain), precisions=args.precisions,
-                               contexts=args.contexts, threads=args.threads, new_tokens=args.new_tokens,
-                               trained_quantization=None if trained == "none" else trained,
-                               log=lambda line: print(line, file=sys.stderr, flush=True))
-        for row in ours["rows"]:
-            match = next(r for r in reference if r["threads"] == row["threads"] and r["context"] == row["context"])
-            rows.append({**match, "precision": row["precision"], "trained": "float32" if trained == "none" else trained,
-                         "combined_s": row["combined_s"], "large_alone_s": row["large_alone_s"],
-                         "combined_over_llama_cpp": row["combined_s"] / match["llama_cpp_s"]})
     machine = {**machine_info(torch.device("cpu")), "cpu_flags": cpu_flags()}
-    head = (f"{args.large} + {args.small}; {machine['cpu']} ({machine['cpu_count']} CPUs; {machine['cpu_flags']}); "
-            f"torch {machine['torch']}, transformers {machine['transformers']}; llama.cpp {reference[0]['llama_cpp_build']} "
-            f"({reference[0]['llama_cpp_model']}); {args.new_tokens} tokens decoded after each context; seconds per token")
-    print(head + "\n")
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        print(f"round {round_}: llama.cpp ({bench}) on {large.gguf.name} ...", file=sys.stderr, flush=True)
+        reference = run_llama_bench(bench, large.gguf, args.threads, args.contexts, args.new_tokens, args.repetitions)
+        for trained in args.trained_quantization:
+            ours = bench_precision(large=str(large.plain), small=str(small.plain), precisions=args.precisions,
+                                   contexts=args.contexts, threads=args.threads, new_tokens=args.new_tokens,
+                                   trained_quantization=None if trained == "none" else trained,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+            for row in ours["rows"]:
+                match = next(r for r in reference if r["threads"] == row["threads"] and r["context"] == row["context"])
+                rows.append({**match, "round": round_, "precision": row["precision"],
+                             "trained": "float32" if trained == "none" else trained, "combined_s": row["combined_s"],
+                             "large_alone_s": row["large_alone_s"],
+                             "combined_over_llama_cpp": row["combined_s"] / match["llama_cpp_s"]})
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=args.json.parent, delete=False, suffix=".tmp") as handle:
+                json.dump({"benchmark": "decode_vs_llama_cpp", "machine": machine, "rounds_done": round_,
+                           "settings": vars(args) | {"json": str(args.json)}, "llama_bench": bench, "rows": rows},
+                          handle, indent=2)
+            os.replace(handle.name, args.json)
+    first = rows[0]
+    print(f"{args.large} + {args.small}; {machine['cpu']} ({machine['cpu_count']} CPUs; {machine['cpu_flags']}); "
+          f"torch {machine['torch']}, transformers {machine['transformers']}; llama.cpp {first['llama_cpp_build']} "
+          f"({first['llama_cpp_model']}); {args.new_tokens} tokens decoded after each context; seconds per token"
+          + (f"; median (min-max) over {args.rounds} rounds" if args.rounds > 1 else "") + "\n")
     print("| threads | context | llama.cpp, frozen GGUF alone | ours: frozen | trained | large alone (ours) | combined | combined / llama.cpp |")
     print("| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |")
-    for r in sorted(rows, key=lambda r: (r["threads"], r["context"], r["precision"], r["trained"])):
-        print(f"| {r['threads']} | {r['context']} | {r['llama_cpp_s']:.3f} | {r['precision']} | {r['trained']} | "
-              f"{r['large_alone_s']:.3f} | {r['combined_s']:.3f} | {r['combined_over_llama_cpp']:.2f}x |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.json.parent, delete=False, suffix=".tmp") as handle:
-            json.dump({"benchmark": "decode_vs_llama_cpp", "machine": machine, "settings": vars(args) | {"json": str(args.json)},
-                       "llama_bench": bench, "rows": rows}, handle, indent=2)
-        os.replace(handle.name, args.json)
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["threads"], r["context"], r["precision"], r["trained"]), []).append(r)
+    for (threads, context, precision, trained), group in sorted(groups.items()):
+        column = lambda key: [r[key] for r in group]  # noqa: E731
+        print(f"| {threads} | {context} | {summary(column('llama_cpp_s'))} | {precision} | {trained} | "
+              f"{summary(column('large_alone_s'))} | {summary(column('combined_s'))} | "
+              f"{summary(column('combined_over_llama_cpp'), 2, 'x')} |")
     return 0
 
 

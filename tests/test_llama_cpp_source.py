@@ -353,3 +353,20 @@ def test_bench_decode_times_the_small_model_in_llama_cpp(fetched_large, llama_sm
                  "--threads", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gguf")]
     assert len(rows) == 1 and float(rows[0].split("|")[4]) > 0
+
+
+def test_the_server_s_engine_answers_as_generate_does_with_the_small_model_in_llama_cpp(small_pair, one_thread):
+    from transformers import AutoTokenizer
+
+    from llm_modules.serving.engine import BatchingEngine, GenerationRequest
+
+    torch_model, model, _ = small_pair
+    tokenizer = AutoTokenizer.from_pretrained(model.config.large_model_name_or_path)
+    prompts = [tokenizer(text)["input_ids"] for text in ("the quick brown fox", "dog")]
+    with BatchingEngine(model, tokenizer, max_batch_size=4) as engine:
+        assert engine.max_batch_size == 1
+        answers = [g.result() for g in [engine.submit(GenerationRequest(ids, 5, ignore_eos=True)) for ids in prompts]]
+    for ids, answer in zip(prompts, answers):
+        with torch.no_grad():
+            expected = torch_model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert answer == expected[0, len(ids):].tolist()
