@@ -43,6 +43,7 @@ COMBINED_SETTINGS = {
     "gguf": {"large_quantization": "gguf"},
     "gguf, trained int8": {"large_quantization": "gguf", "trained_quantization": "int8"},
     "gguf, trained gguf": {"large_quantization": "gguf", "trained_quantization": "gguf"},
+    "gguf, trained gguf-q4_0": {"large_quantization": "gguf", "trained_quantization": "gguf-q4_0"},
 }
 SYSTEM = "Solve the problem. Think step by step, then give the final answer."
 

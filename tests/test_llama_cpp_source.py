@@ -321,6 +321,10 @@ def test_trained_quantization_gguf_loads_runs_and_stays_close_to_float32(small_p
     code = main(["generate", "--model", str(saved), "--prompt", "The quick brown", "--max-new-tokens", "4",
                  "--large-quantization", "gguf", "--trained-quantization", "gguf"])
     assert code == 0 and capsys.readouterr().out.strip()
+    faster = LLMModulesForCausalLM.from_pretrained(saved, trained_quantization="gguf-q4_0")
+    assert faster.small.file_type == "q4_0"
+    with torch.no_grad():
+        assert (faster(input_ids=ids).logits - expected).abs().max() < 0.2 * expected.abs().max()
 
 
 def test_what_the_small_model_in_llama_cpp_cannot_do_is_refused(small_pair, fetched_large, tiny_pair, tmp_path, capsys):

@@ -10,7 +10,7 @@ alone (`HEADLESS_ARCHITECTURES`).
 
 `small_model_gguf`: a trained Llama-architecture small model's blocks (the bridge output is its input and the new head
 stays in torch, so again one dummy token), written in float32 by the gguf package and quantized by llama.cpp's own
-`llama_model_quantize` (Q8_0 by default).
+`llama_model_quantize` (Q8_0 by default, or Q4_0).
 
 The gguf package writes the files (the format's maintained Python writer, from llama.cpp's repository); the tensor
 names come from its map of Hugging Face names.
@@ -29,7 +29,8 @@ from torch import nn
 
 # llama.cpp graphs (src/models/*.cpp of the vendored llama.cpp) that use `tok_embd` only through `build_inp_embd`.
 HEADLESS_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-SMALL_FILE_TYPES = ("q8_0", "f16", "f32")
+# The small model's GGUF types: llama.cpp's quantized ones (by its own quantizer), or plain floats.
+SMALL_FILE_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "f16": None, "f32": None}
 
 
 def _copy_metadata(reader: Any, writer: Any, skip: tuple[str, ...]) -> None:
@@ -118,9 +119,10 @@ def _rows_for_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def small_model_gguf(small: nn.Module, destination: str | os.PathLike, file_type: str = "q8_0") -> None:
     """Write the trained small model `small` (a transformers Llama base model, its token embeddings unused) as a GGUF
-    of one dummy token, its blocks in `file_type` ("q8_0": quantized by llama.cpp; "f16"; "f32").
+    of one dummy token, its blocks in `file_type` ("q8_0", "q4_0": quantized by llama.cpp; "f16"; "f32").
 
-    Raises ValueError for another architecture or RoPE scaling, an unknown `file_type`, or widths Q8_0 cannot block.
+    Raises ValueError for another architecture or RoPE scaling, an unknown `file_type`, or widths llama.cpp's blocks
+    of 32 cannot divide.
     """
     import gguf
 
@@ -132,13 +134,15 @@ def small_model_gguf(small: nn.Module, destination: str | os.PathLike, file_type
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"the small model's RoPE scaling {rope.get('rope_type')!r} is not written to GGUF here")
     if file_type not in SMALL_FILE_TYPES:
-        raise ValueError(f"file_type must be one of {SMALL_FILE_TYPES}, got {file_type!r}")
-    if file_type == "q8_0" and config.hidden_size % 32:
-        raise ValueError(f"Q8_0 blocks rows of 32 values; the small model is {config.hidden_size} wide")
+        raise ValueError(f"file_type must be one of {tuple(SMALL_FILE_TYPES)}, got {file_type!r}")
+    quantized = SMALL_FILE_TYPES[file_type]
+    if quantized and (config.hidden_size % 32 or config.intermediate_size % 32):
+        raise ValueError(f"{file_type.upper()} blocks rows of 32 values; the small model is {config.hidden_size} wide "
+                         f"with {config.intermediate_size} in its MLP")
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     destination = Path(destination)
-    plain = destination if file_type != "q8_0" else destination.with_suffix(".f32.gguf")
+    plain = destination if not quantized else destination.with_suffix(".f32.gguf")
     writer = gguf.GGUFWriter(str(plain), "llama")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -170,9 +174,9 @@ def small_model_gguf(small: nn.Module, destination: str | os.PathLike, file_type
         writer.add_tensor(names.get_name("model." + name, try_suffixes=(".weight", ".bias")), array)
     writer.add_tensor("token_embd.weight", np.zeros((1, config.hidden_size), np.float32))
     _finish(writer)
-    if file_type == "q8_0":
+    if quantized:
         try:
-            _quantize(plain, destination, "LLAMA_FTYPE_MOSTLY_Q8_0")
+            _quantize(plain, destination, quantized)
         finally:
             plain.unlink(missing_ok=True)
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 LARGE_QUANTIZATIONS = ("int8", "fp16")
-TRAINED_QUANTIZATIONS = ("int8", "gguf")
+TRAINED_QUANTIZATIONS = ("int8", "gguf", "gguf-q4_0")
 # Input features beyond this magnitude skip int8 (`Int8Linear`): LLM.int8()'s threshold. On Qwen2.5-Coder-1.5B's last
 # hidden state at position 0, int8 without it gave cosine -0.56 to float32, with it 0.9994 (20: 0.9976).
 INT8_OUTLIER_THRESHOLD = 6.0
@@ -235,24 +235,25 @@ def quantize_trained_parts(model: nn.Module, method: str = "int8") -> nn.Module:
     (151,936 x 576) and SmolLM2's blocks are about 0.9 GB in float32, a third of the bytes of a token with the frozen
     model in int8. `"int8"`: the same per-token int8 layers as `quantize_frozen_model` (`Int8Linear`). `"gguf"`: the
     bridges and the head in int8 likewise, the small model's blocks run by llama.cpp in Q8_0
-    (`llama_cpp_source.LlamaCppSmallModel`: its ~5,000 small torch calls per token cost as much as its weights). The
+    (`llama_cpp_source.LlamaCppSmallModel`: its ~5,000 small torch calls per token cost as much as its weights);
+    `"gguf-q4_0"`: the same with Q4_0 blocks (faster, less exact: docs/performance.md). The
     model cannot be trained or saved afterwards. Raises ValueError for an unknown `method` or a model not on the CPU,
     and for "gguf" with a small model llama.cpp cannot take here (not a Llama architecture), depth connections or
     `small_position_embeddings="zero"`; `UnsupportedLayerError` as `quantize_frozen_model` does.
     """
     if method not in TRAINED_QUANTIZATIONS:
         raise ValueError(f"trained_quantization must be one of {TRAINED_QUANTIZATIONS}, got {method!r}")
-    if method == "gguf":
+    if method.startswith("gguf"):
         from .llama_cpp_source import LlamaCppSmallModel
 
         if model.config.depth_connection_list:
-            raise ValueError("trained_quantization='gguf' runs the small model in llama.cpp, where depth connections "
-                             "cannot reach its blocks")
+            raise ValueError(f"trained_quantization={method!r} runs the small model in llama.cpp, where depth "
+                             "connections cannot reach its blocks")
         if model.config.small_position_embeddings == "zero":
             # llama.cpp's causal mask compares positions: with all of them 0 a prompt token would see later ones.
-            raise ValueError("trained_quantization='gguf' needs small_position_embeddings='keep' (llama.cpp masks by "
-                             "position; this model feeds its small model position 0 everywhere)")
-        model.small = LlamaCppSmallModel(model.small)
+            raise ValueError(f"trained_quantization={method!r} needs small_position_embeddings='keep' (llama.cpp "
+                             "masks by position; this model feeds its small model position 0 everywhere)")
+        model.small = LlamaCppSmallModel(model.small, file_type="q4_0" if method == "gguf-q4_0" else "q8_0")
     # The trained parts are direct children; the frozen sources are left as they were loaded.
     for part in (model.bridges, model.depth, model.small):
         if next(part.parameters(), None) is not None:  # `depth` is empty without depth connections; llama.cpp: none

@@ -57,9 +57,9 @@ def add_bench(subparsers) -> None:
     decode.add_argument("--large", help="with --precisions: a real frozen model (dir or .gguf) instead of random weights")
     decode.add_argument("--small", help="with --precisions: a real small model (dir or .gguf)")
     decode.add_argument(
-        "--trained-quantization", choices=["int8", "gguf"],
-        help="with --precisions: the trained parts as generate's --trained-quantization (default float32; gguf needs a "
-        "Llama-architecture small model)",
+        "--trained-quantization", choices=["int8", "gguf", "gguf-q4_0"],
+        help="with --precisions: the trained parts as generate's --trained-quantization (default float32; gguf and "
+        "gguf-q4_0 need a Llama-architecture small model)",
     )
     decode.set_defaults(handler=run_bench)
 

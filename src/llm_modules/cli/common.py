@@ -125,10 +125,11 @@ def add_frozen_precision_arguments(parser: argparse.ArgumentParser) -> None:
         "(fastest; needs the llama-cpp extra; the frozen model a .gguf file or a fetched model)",
     )
     parser.add_argument(
-        "--trained-quantization", choices=["int8", "gguf"],
+        "--trained-quantization", choices=["int8", "gguf", "gguf-q4_0"],
         help="the trained parts on the CPU, for inference: int8 (bridge, small model, head in int8 weights) or gguf "
         "(the small model's blocks run by llama.cpp in Q8_0, bridge and head in int8; a Llama-architecture small "
-        "model; needs the llama-cpp extra) (docs/performance.md)",
+        "model; needs the llama-cpp extra) or gguf-q4_0 (the same, Q4_0 blocks: faster, less exact) "
+        "(docs/performance.md)",
     )
 
 
