@@ -7,7 +7,8 @@
    its hash-checked wheel; never installed).
 2. A combined model trained briefly with float32 frozen features (`llm-modules train`, through the feature cache),
    then evaluated on held-out rows with the frozen model in each precision, and with its trained parts in int8 or
-   with its small model in llama.cpp (`--trained-quantization int8 / gguf`): validation loss, perplexity and argmax agreement with float32 (assistant tokens).
+   with its small model in llama.cpp (`--trained-quantization int8 / gguf`): validation loss, perplexity and argmax
+   agreement with float32 (assistant tokens).
 
     python benchmarks/precision_quality.py --large DIR --small DIR --out DIR
 

@@ -276,7 +276,8 @@ def test_the_small_model_in_llama_cpp_gives_torch_s_hidden_states(small_pair, on
     mask[1, :3] = 0  # left padding
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        expected = torch_model.small(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        expected = torch_model.small(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+    expected = expected.last_hidden_state
     got = model.small(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], **TOLERANCE)
     assert (got[~mask.bool()] == 0).all() and list(model.small.parameters()) == []

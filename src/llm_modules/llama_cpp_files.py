@@ -78,7 +78,7 @@ def headless_gguf(source: str | os.PathLike, destination: str | os.PathLike) -> 
     writer.add_tokenizer_model("none")
     writer.add_vocab_size(1)
     for tensor in reader.tensors:
-        if tensor.name.startswith("output.") and tensor.name != "output_norm.weight":
+        if tensor.name.startswith("output."):  # output.weight (and a bias): not output_norm
             continue  # the LM head
         if tensor.name == "token_embd.weight":
             writer.add_tensor(tensor.name, np.zeros((1, width), np.float32))
@@ -113,8 +113,10 @@ class TokenEmbeddingRows:
 
 def _rows_for_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Reorder a q/k projection's output rows (or bias) from transformers' rotate-half RoPE (each head's first half
-    pairs with its second half) to llama.cpp's Llama RoPE (adjacent pairs), as llama.cpp's convert_hf_to_gguf.py does."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    pairs with its second half) to llama.cpp's Llama RoPE (adjacent pairs), as llama.cpp's convert_hf_to_gguf.py
+    does."""
+    half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def small_model_gguf(small: nn.Module, destination: str | os.PathLike, file_type: str = "q8_0") -> None:
