@@ -213,8 +213,9 @@ class CheckpointMixin:
         `large_model_name_or_path` points at the frozen model when it moved since saving (a list, one per source, for
         a model of several sources); `large_dtype`,
         `large_quantization` and `quantization_config` set its precision, as in `from_large_and_small`.
-        `trained_quantization="int8"` quantizes the trained parts for inference on the CPU
-        (`quantization.quantize_trained_parts`: the model can then neither train nor be saved).
+        `trained_quantization` ("int8"; "gguf" or "gguf-q4_0": the small model's blocks in llama.cpp) prepares the
+        trained parts for inference on the CPU (`quantization.quantize_trained_parts`: the model can then neither
+        train nor be saved).
         """
         directory = Path(resolve_model_source(pretrained_model_name_or_path, "combined model"))
         if not directory.is_dir():
