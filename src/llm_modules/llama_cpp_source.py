@@ -331,15 +331,18 @@ class LlamaCppSource(LlamaCppModel):
     """
 
     def __init__(self, gguf_file: str | os.PathLike, config: Any, threads: int | None = None, headless: bool = True):
+        import gguf
+
         from .llama_cpp_files import TokenEmbeddingRows, headless_gguf
 
         self._token_rows = None
         with tempfile.TemporaryDirectory(prefix="llm-modules-") as scratch:
             copy = Path(scratch) / "headless.gguf"
-            if headless and headless_gguf(gguf_file, copy):
+            reader = gguf.GGUFReader(str(gguf_file)) if headless else None  # parsed once, for the copy and the rows
+            if reader is not None and headless_gguf(reader, copy):
                 # llama.cpp maps the file: removing it once loaded leaves the mapping readable.
                 super().__init__(copy, config, threads, input_width=config.hidden_size, name=str(gguf_file))
-                self._token_rows = TokenEmbeddingRows(gguf_file)
+                self._token_rows = TokenEmbeddingRows(reader)
                 self.vocab_size = self._token_rows.vocab_size
             else:
                 super().__init__(gguf_file, config, threads)
